@@ -1,0 +1,507 @@
+"""gtx: a Transformer is a graph neural network on a complete graph.
+
+One multi-head scaled-dot-product graph attention layer, forward and hand-written backward,
+in three backends that agree to round-off: naive (per-edge Python loops, the executable spec),
+sparse (Numba CSR kernels) and dense (masked NumPy matmuls).
+
+Edge e carries a message from source j = edge_index[0, e] to target i = edge_index[1, e]:
+    q, k, v = x Wq + bq, x Wk + bk, x Wv + bv                       # (N, H, dh) each
+    s[e, h] = <q[i_e, h], k[j_e, h]> / sqrt(dh) (+ edge_bias[e, h])  # (E, H)
+    alpha[e, h] = softmax of s[., h] over the edges that share the target i_e
+    o[i, h] = sum over edges e into i of alpha[e, h] v[j_e, h]      # (N, H, dh); 0 if i has no in-edges
+    y = o Wo + bo                                                   # (N, D)
+On complete_graph(n, self_loops=True) this is exactly softmax(Q K^T / sqrt(dh)) V per head.
+
+    g = Graph(edge_index, num_nodes); params = init_params(D, H)
+    y, cache = forward(x, g, params, backend="dense"); dx, grads = backward(dy, cache)
+"""
+# Dimension letters: N nodes, E edges, H heads, dh head size, D model width.
+import math
+import os
+from collections import namedtuple
+from functools import cached_property
+
+import numba as nb
+import numpy as np
+
+BACKENDS = ("naive", "sparse", "dense")
+PARAM_KEYS = ("Wq", "Wk", "Wv", "bq", "bk", "bv", "Wo", "bo")
+FLOATS = (np.float32, np.float64)
+
+
+# ---------------------------------------------------------------- graph
+
+class Graph:
+    """A directed graph whose edge e carries a message j = edge_index[0, e] -> i = edge_index[1, e].
+
+    Validates once and keeps what the backends need: CSR by target for the forward, CSR by source
+    (the transpose) for the key and value gradients, and, built on first use, the dense mask.
+    """
+
+    def __init__(self, edge_index, num_nodes):
+        if isinstance(num_nodes, bool) or not isinstance(num_nodes, (int, np.integer)):
+            raise TypeError(f"num_nodes must be an int, got {type(num_nodes).__name__}")
+        if num_nodes < 0:
+            raise ValueError(f"num_nodes must be >= 0, got {num_nodes}")
+        ei = np.asarray(edge_index)
+        if ei.ndim != 2 or ei.shape[0] != 2:
+            raise ValueError(f"edge_index must have shape (2, E), got {ei.shape}")
+        if ei.size and (ei.dtype == bool or not np.issubdtype(ei.dtype, np.integer)):
+            raise ValueError(f"edge_index must hold integers, got dtype {ei.dtype}")
+        bad = np.flatnonzero(((ei < 0) | (ei >= num_nodes)).any(0))
+        if bad.size:
+            c = bad[0]
+            raise ValueError(f"edge_index column {c} is ({ei[0, c]}, {ei[1, c]}): "
+                             f"node indices must be in [0, num_nodes={num_nodes})")
+        N, (src, dst) = int(num_nodes), ei.astype(np.int64)
+        order = np.argsort(dst * N + src, kind="stable")           # (E,) edges sorted by (target, source)
+        key = (dst * N + src)[order]
+        dup = order[1:][key[1:] == key[:-1]]
+        if dup.size:
+            c = dup.min()
+            raise ValueError(f"edge_index has a duplicate edge (j, i) = ({src[c]}, {dst[c]}) at column {c}")
+        self.num_nodes, self.num_edges = N, src.size
+        self.edge_index = np.stack([src, dst])                      # (2, E) in input order
+        self.edge_index.flags.writeable = False
+        self.is_complete = self.num_edges == N * N                  # every pair, self-loops included
+        # CSR by target: the in-edges of i sit at positions indptr[i]:indptr[i+1]
+        self.perm = order                                           # (E,) CSR position -> input edge id
+        self.src = src[order]                                       # (E,) source of each CSR edge
+        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(dst, minlength=N))])  # (N+1,)
+        # CSR by source (the transpose): out-edges of j, as positions into the target CSR
+        self.t_pos = np.argsort(self.src, kind="stable")            # (E,)
+        self.t_dst = dst[order][self.t_pos]                         # (E,) target of each transposed edge
+        self.t_indptr = np.concatenate([[0], np.cumsum(np.bincount(src, minlength=N))])  # (N+1,)
+        self.chunks, self.t_chunks = _balanced_chunks(self.indptr), _balanced_chunks(self.t_indptr)
+
+    def __repr__(self):
+        return f"Graph(num_nodes={self.num_nodes}, num_edges={self.num_edges})"
+
+    @cached_property
+    def non_edge(self):
+        """(N, N) bool, True at [i, j] where there is no edge j -> i. Built once, for the dense backend."""
+        m = np.ones((self.num_nodes, self.num_nodes), bool)
+        m[self.edge_index[1], self.edge_index[0]] = False
+        return m
+
+
+def _balanced_chunks(indptr, n_chunks=64):
+    """Node ranges of about equal work (edges + nodes), so hubs do not leave one thread doing most of it."""
+    work = indptr + np.arange(indptr.size)                          # (N+1,) strictly increasing
+    return np.unique(np.searchsorted(work, np.linspace(0, work[-1], n_chunks + 1)))
+
+
+def complete_graph(n, self_loops=True):
+    """All n^2 edges j -> i (n^2 - n without self-loops): the graph a Transformer encoder attends over."""
+    dst, src = np.divmod(np.arange(n * n), n)
+    keep = slice(None) if self_loops else src != dst
+    return Graph(np.stack([src[keep], dst[keep]]), n)
+
+
+def causal_graph(n):
+    """Edges j -> i for all j <= i: the graph a decoder (GPT) attends over."""
+    dst, src = np.tril_indices(n)
+    return Graph(np.stack([src, dst]), n)
+
+
+def random_graph(n, avg_degree=None, density=None, rng=None):
+    """Uniform random directed graph, no self-loops or duplicates, edges in random order.
+    Give avg_degree (E = round(avg_degree n)) or density (E = round(density n^2)), not both."""
+    if (avg_degree is None) == (density is None):
+        raise ValueError("random_graph: give exactly one of avg_degree or density")
+    E = round(avg_degree * n) if density is None else round(density * n * n)
+    if not 0 <= E <= n * (n - 1):
+        raise ValueError(f"random_graph: {E} edges do not fit in {n} nodes without self-loops "
+                         f"(at most n(n-1) = {n * (n - 1)})")
+    key = np.random.default_rng(rng).choice(n * (n - 1), size=E, replace=False)  # distinct off-diagonal slots
+    dst, src = np.divmod(key, max(n - 1, 1))
+    return Graph(np.stack([src + (src >= dst), dst]), n)            # shift past the diagonal: no self-loops
+
+
+def sinusoidal_pe(n, d):
+    """(n, d) encodings of Vaswani et al. (2017): PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same)."""
+    angle = np.arange(n)[:, None] / 10000 ** (np.arange(0, d, 2) / d)   # (n, ceil(d/2))
+    pe = np.empty((n, d))
+    pe[:, 0::2], pe[:, 1::2] = np.sin(angle), np.cos(angle[:, : d // 2])
+    return pe
+
+
+def laplacian_pe(g, k, rng=None):
+    """(N, k) Laplacian eigenvector encodings (Dwivedi & Bresson 2020).
+
+    Eigenvectors of L = I - D^-1/2 A D^-1/2 on the undirected version of g, self-loops ignored, in
+    ascending eigenvalue order with the first (trivial, eigenvalue 0) one dropped. An isolated node has
+    D^-1/2 = 0, so its row of L is the identity's. Sign: each column's entry of largest magnitude is
+    positive (the first one on ties); with an rng, column signs are then flipped at random, as in training.
+    Columns beyond the N - 1 the graph has are zero.
+    """
+    if not isinstance(g, Graph):
+        raise TypeError(f"g must be a Graph, got {type(g).__name__}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"k must be an int >= 0, got {k!r}")
+    N, (src, dst) = g.num_nodes, g.edge_index
+    A = np.zeros((N, N))                                            # (N, N) symmetric adjacency
+    A[dst, src] = A[src, dst] = 1
+    np.fill_diagonal(A, 0)
+    deg = A.sum(1)
+    d = np.divide(1, np.sqrt(deg), out=np.zeros(N), where=deg > 0)  # (N,) D^-1/2, 0 for isolated nodes
+    _, U = np.linalg.eigh(np.eye(N) - d[:, None] * A * d[None, :])  # ascending eigenvalues
+    U = U[:, 1:k + 1]                                               # (N, min(k, N-1))
+    if U.size:
+        U = U * np.sign(U[np.abs(U).argmax(0), np.arange(U.shape[1])])
+    if rng is not None:
+        U = U * np.random.default_rng(rng).choice([-1.0, 1.0], U.shape[1])
+    return np.pad(U, ((0, 0), (0, k - U.shape[1])))
+
+
+# ---------------------------------------------------------------- parameters
+
+def init_params(d_model, n_heads, d_head=None, rng=None, dtype=np.float64):
+    """Wq, Wk, Wv (D, H, dh); bq, bk, bv (H, dh); Wo (H, dh, D); bo (D,).
+    Glorot-uniform weights and zero biases, as torch.nn.MultiheadAttention initialises its in-projection."""
+    dh = d_model // n_heads if d_head is None else d_head
+    if min(d_model, n_heads, dh) < 1:
+        raise ValueError(f"init_params: need d_model, n_heads, d_head >= 1, got {d_model}, {n_heads}, {dh}")
+    if np.dtype(dtype) not in FLOATS:
+        raise ValueError(f"init_params: dtype must be float32 or float64, got {np.dtype(dtype)}")
+    D, H, rng = d_model, n_heads, np.random.default_rng(rng)
+    bound = math.sqrt(6 / (D + H * dh))                             # fan_in + fan_out of a (D, H*dh) matrix
+    W = lambda *shape: rng.uniform(-bound, bound, shape).astype(dtype)
+    return dict(Wq=W(D, H, dh), Wk=W(D, H, dh), Wv=W(D, H, dh), Wo=W(H, dh, D),
+                bq=np.zeros((H, dh), dtype), bk=np.zeros((H, dh), dtype), bv=np.zeros((H, dh), dtype),
+                bo=np.zeros(D, dtype))
+
+
+def _project(x, p):
+    """q = x Wq + bq, k = x Wk + bk, v = x Wv + bv, each (N, H, dh)."""
+    D, H, dh = p["Wq"].shape
+    return [(x @ p["W" + c].reshape(D, H * dh) + p["b" + c].reshape(H * dh)).reshape(-1, H, dh) for c in "qkv"]
+
+
+def _project_backward(dqkv, x, p, grads):
+    """Differentiates _project; writes dW*, db* into grads and returns dx (N, D)."""
+    D, H, dh = p["Wq"].shape
+    dx = np.zeros_like(x)                                           # (N, D)
+    for c, d in zip("qkv", dqkv):
+        d = d.reshape(-1, H * dh)                                   # (N, H*dh)
+        grads["W" + c] = (x.T @ d).reshape(D, H, dh)
+        grads["b" + c] = d.sum(0).reshape(H, dh)
+        dx += d @ p["W" + c].reshape(D, H * dh).T
+    return dx
+
+
+# ---------------------------------------------------------------- naive
+# Every backend implements the attention core, (q, k, v, bias, g) -> o, and its backward,
+# do -> (dq, dk, dv, ds); ds = dL/ds is also the gradient of the edge bias.
+
+def naive_forward(q, k, v, bias, g):
+    """Per-edge loops that read like the math; vectorised over heads and dh, never over edges."""
+    (N, H, dh), (src, dst) = q.shape, g.edge_index
+    s = np.empty((g.num_edges, H), q.dtype)                         # (E, H)
+    for e, (j, i) in enumerate(zip(src, dst)):
+        s[e] = (q[i] * k[j]).sum(-1) / math.sqrt(dh) + (0 if bias is None else bias[e])
+    m = np.full((N, H), -np.inf, q.dtype)                           # (N, H) per-target max, subtracted for stability
+    for e, i in enumerate(dst):
+        m[i] = np.maximum(m[i], s[e])
+    ex, den = np.empty_like(s), np.zeros((N, H), q.dtype)           # (E, H), (N, H)
+    for e, i in enumerate(dst):
+        ex[e] = np.exp(s[e] - m[i])
+        den[i] += ex[e]                                             # >= 1 for any target with an in-edge
+    alpha, o = np.empty_like(s), np.zeros_like(q)                   # (E, H), (N, H, dh)
+    for e, (j, i) in enumerate(zip(src, dst)):
+        alpha[e] = ex[e] / den[i]
+        o[i] += alpha[e][:, None] * v[j]
+    return o, (q, k, v, alpha, g)
+
+
+def naive_backward(do, cache):
+    q, k, v, alpha, g = cache
+    (N, H, dh), (src, dst) = q.shape, g.edge_index
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)   # (N, H, dh) each
+    dalpha, ds = np.empty_like(alpha), np.empty_like(alpha)         # (E, H)
+    for e, (j, i) in enumerate(zip(src, dst)):                      # o[i] += alpha[e] * v[j]
+        dalpha[e] = (do[i] * v[j]).sum(-1)
+        dv[j] += alpha[e][:, None] * do[i]
+    dot = np.zeros((N, H), q.dtype)                                 # (N, H) sum over in-edges of alpha dalpha
+    for e, i in enumerate(dst):
+        dot[i] += alpha[e] * dalpha[e]
+    for e, i in enumerate(dst):                                     # alpha[e] = ex[e] / den[i]: softmax backward
+        ds[e] = alpha[e] * (dalpha[e] - dot[i])
+    for e, (j, i) in enumerate(zip(src, dst)):                      # s[e] = <q[i], k[j]> / sqrt(dh) + bias[e]
+        dq[i] += ds[e][:, None] * k[j] / math.sqrt(dh)
+        dk[j] += ds[e][:, None] * q[i] / math.sqrt(dh)
+    return dq, dk, dv, ds
+
+
+def naive_alpha(cache):
+    return cache[3].copy()                                          # (E, H), already in input order
+
+
+# ---------------------------------------------------------------- sparse
+# Numba kernels over the target CSR. prange runs over chunks of targets, which are independent;
+# the key and value gradients land on sources, so a second pass over the transposed CSR produces
+# them instead of racing. Each node is summed by one thread in a fixed order: results are
+# bit-identical for any thread count. Sums run in the input dtype, and may be reassociated so
+# that LLVM vectorises the dh loops; no other fast-math flag is set, so inf and NaN keep their meaning.
+_REASSOC = {"reassoc", "contract"}
+
+@nb.njit(parallel=True, cache=True, fastmath=_REASSOC)
+def _sparse_forward_kernel(q, k, v, bias, indptr, src, chunks):
+    N, H, dh = q.shape
+    scale = q.dtype.type(1 / np.sqrt(dh))
+    alpha = np.empty((src.size, H), q.dtype)                        # (E, H) in CSR order
+    o = np.zeros_like(q)                                            # (N, H, dh)
+    for c in nb.prange(chunks.size - 1):
+        m, den = np.empty(H, q.dtype), np.empty(H, q.dtype)         # (H,) per-target max and softmax sum
+        for i in range(chunks[c], chunks[c + 1]):
+            m[:] = -np.inf
+            den[:] = 0
+            for e in range(indptr[i], indptr[i + 1]):               # s = <q_i, k_j> / sqrt(dh) + bias
+                j = src[e]
+                for h in range(H):
+                    s = q.dtype.type(0)
+                    for d in range(dh):
+                        s += q[i, h, d] * k[j, h, d]
+                    s = s * scale + (0 if bias is None else bias[e, h])
+                    alpha[e, h] = s
+                    m[h] = max(m[h], s)
+            for e in range(indptr[i], indptr[i + 1]):               # exp(s - max), max subtracted for stability
+                j = src[e]
+                for h in range(H):
+                    p = np.exp(alpha[e, h] - m[h])
+                    alpha[e, h] = p
+                    den[h] += p
+                    for d in range(dh):                             # o_i accumulates unnormalised ...
+                        o[i, h, d] += p * v[j, h, d]
+            for h in range(H):                                      # ... and is divided once; no in-edges: o_i = 0
+                for e in range(indptr[i], indptr[i + 1]):
+                    alpha[e, h] /= den[h]
+                for d in range(dh):
+                    o[i, h, d] /= max(den[h], 1)                    # den >= 1 whenever i has an in-edge
+    return o, alpha
+
+
+def sparse_forward(q, k, v, bias, g):
+    csr_bias = None if bias is None else bias[g.perm]               # (E, H) input order -> CSR order
+    o, alpha = _sparse_forward_kernel(q, k, v, csr_bias, g.indptr, g.src, g.chunks)
+    return o, (q, k, v, o, alpha, g)                                # alpha (E, H) kept: the backward needs it
+
+
+@nb.njit(parallel=True, cache=True, fastmath=_REASSOC)
+def _sparse_backward_targets(do, q, k, v, o, alpha, indptr, src, chunks):
+    """ds (E, H) and dq (N, H, dh): every write lands on the target row i this thread owns."""
+    N, H, dh = q.shape
+    scale = q.dtype.type(1 / np.sqrt(dh))
+    ds, dq = np.empty_like(alpha), np.zeros_like(q)
+    for c in nb.prange(chunks.size - 1):
+        for i in range(chunks[c], chunks[c + 1]):
+            for h in range(H):
+                dot = q.dtype.type(0)                               # sum_e alpha_e dalpha_e = <do_i, o_i>
+                for d in range(dh):
+                    dot += do[i, h, d] * o[i, h, d]
+                for e in range(indptr[i], indptr[i + 1]):
+                    j, da = src[e], q.dtype.type(0)                 # o_i = sum_e alpha_e v_j: dalpha_e = <do_i, v_j>
+                    for d in range(dh):
+                        da += do[i, h, d] * v[j, h, d]
+                    ds[e, h] = alpha[e, h] * (da - dot)             # softmax backward
+                    for d in range(dh):                             # s = <q_i, k_j> / sqrt(dh) + bias
+                        dq[i, h, d] += ds[e, h] * scale * k[j, h, d]
+    return ds, dq
+
+
+@nb.njit(parallel=True, cache=True, fastmath=_REASSOC)
+def _sparse_backward_sources(do, q, alpha, ds, t_indptr, t_pos, t_dst, t_chunks):
+    """dk and dv (N, H, dh) by a pass over the transposed CSR: every write lands on the source row j."""
+    N, H, dh = q.shape
+    scale = q.dtype.type(1 / np.sqrt(dh))
+    dk, dv = np.zeros_like(q), np.zeros_like(q)
+    for c in nb.prange(t_chunks.size - 1):
+        for j in range(t_chunks[c], t_chunks[c + 1]):
+            for t in range(t_indptr[j], t_indptr[j + 1]):
+                e, i = t_pos[t], t_dst[t]                           # e: the edge's position in the target CSR
+                for h in range(H):
+                    dk_scale, dv_scale = ds[e, h] * scale, alpha[e, h]
+                    for d in range(dh):
+                        dk[j, h, d] += dk_scale * q[i, h, d]
+                        dv[j, h, d] += dv_scale * do[i, h, d]
+    return dk, dv
+
+
+def sparse_backward(do, cache):
+    q, k, v, o, alpha, g = cache
+    ds, dq = _sparse_backward_targets(do, q, k, v, o, alpha, g.indptr, g.src, g.chunks)
+    dk, dv = _sparse_backward_sources(do, q, alpha, ds, g.t_indptr, g.t_pos, g.t_dst, g.t_chunks)
+    ds_input = np.empty_like(ds)
+    ds_input[g.perm] = ds                                           # CSR order -> input order
+    return dq, dk, dv, ds_input
+
+
+def sparse_alpha(cache):
+    alpha, g = cache[4], cache[5]
+    out = np.empty_like(alpha)
+    out[g.perm] = alpha
+    return out
+
+
+# ---------------------------------------------------------------- dense
+# Per head: S = Q K^T / sqrt(dh) as one matmul, non-edges set to -inf by selection (never by
+# multiplying with 0, so a NaN at node j cannot reach a row that does not attend to j), softmax,
+# then P V. Heads run one at a time, so the working set is one N x N matrix. The probabilities
+# are kept unnormalised, ex = exp(S - max) with row sums den: the normalisation is applied to
+# the (N, dh) side instead of dividing an N x N matrix.
+
+def dense_bytes(g, n_heads, dtype):
+    """Bytes of N x N work the dense backend needs for forward plus backward: ex (H, N, N), kept
+    for the backward, one (N, N) scratch matrix, and the (N, N) bool mask unless g is complete."""
+    n2 = g.num_nodes ** 2
+    return (n_heads + 1) * n2 * np.dtype(dtype).itemsize + (0 if g.is_complete else n2)
+
+
+def available_bytes():
+    """Memory the OS can hand out now (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def dense_forward(q, k, v, bias, g):
+    N, H, dh = q.shape
+    need, have = dense_bytes(g, H, q.dtype), available_bytes()
+    if need > have:
+        raise MemoryError(f"dense backend needs about {need / 2**30:.1f} GiB for its N x N work (N={N}, H={H}), "
+                          f"but {have / 2**30:.1f} GiB is available; use backend='sparse'")
+    non_edge = None if g.is_complete else g.non_edge               # (N, N) or None: a complete graph needs no mask
+    src, dst = g.edge_index
+    qs = q / math.sqrt(dh)                                          # (N, H, dh) scale folded into q: N*dh work, not N^2
+    ex = np.empty((H, N, N), q.dtype)                               # (H, N, N) kept for the backward on purpose
+    o = np.empty_like(q)                                            # (N, H, dh)
+    den = np.empty((N, H), q.dtype)                                 # (N, H) softmax row sums
+    for h in range(H):
+        s = ex[h]                                                   # (N, N) s[i, j], overwritten in place
+        np.matmul(qs[:, h], k[:, h].T, out=s)
+        if bias is not None:
+            s[dst, src] += bias[:, h]
+        if non_edge is not None:
+            np.copyto(s, -np.inf, where=non_edge)
+        m = s.max(1, initial=-np.inf)                               # (N,) row max, subtracted for stability
+        m[m == -np.inf] = 0                                         # a row with no edges stays -inf, exp gives 0
+        s -= m[:, None]
+        np.exp(s, out=s)
+        den[:, h] = s.sum(1)
+        o[:, h] = _masked_matmul(s, v[:, h], non_edge)
+    o /= np.maximum(den, 1)[..., None]                              # den >= 1 on rows with edges; empty rows: 0 / 1
+    return o, (qs, k, v, o, ex, den, g, bias is not None)
+
+
+def _masked_matmul(p, v, non_edge):
+    """p @ v, except that a non-finite v_j reaches only the rows i with an edge j -> i, as in the loops."""
+    bad = ~np.isfinite(v).all(1)                                    # (N,) sources whose v is inf or NaN
+    if non_edge is None or not bad.any():
+        return p @ v
+    out = p @ np.where(bad[:, None], 0, v)
+    hit = ~non_edge[:, bad].all(1)                                  # rows that do attend to a bad source
+    out[hit] = p[hit] @ v
+    return out
+
+
+def dense_backward(do, cache):
+    qs, k, v, o, ex, den, g, has_bias = cache
+    N, H, dh = qs.shape
+    src, dst = g.edge_index
+    ks = k / math.sqrt(dh)                                          # (N, H, dh)
+    dq, dk, dv = np.empty_like(qs), np.empty_like(k), np.empty_like(v)
+    ds_edges = np.empty((g.num_edges, H), qs.dtype) if has_bias else None   # (E, H)
+    do_n = do / np.maximum(den, 1)[..., None]                       # (N, H, dh) dO / den: P = ex / den never formed
+    dot = (do_n * o).sum(-1)                                        # (N, H) sum_j P_ij dP_ij / den_i = <dO_i, o_i> / den_i
+    ds = np.empty((N, N), qs.dtype)                                 # (N, N) scratch, reused by every head
+    for h in range(H):
+        dv[:, h] = ex[h].T @ do_n[:, h]                             # o = P v
+        np.matmul(do_n[:, h], v[:, h].T, out=ds)                    # dP / den
+        ds -= dot[:, h, None]
+        ds *= ex[h]                                                 # softmax backward: dS = P * (dP - <dO, o>)
+        if has_bias:
+            ds_edges[:, h] = ds[dst, src]
+        dq[:, h] = ds @ ks[:, h]                                    # S = Q K^T / sqrt(dh)
+        dk[:, h] = ds.T @ qs[:, h]
+    return dq, dk, dv, ds_edges
+
+
+def dense_alpha(cache):
+    ex, den, g = cache[4], cache[5], cache[6]
+    src, dst = g.edge_index
+    return ex[:, dst, src].T / den[dst]                             # (E, H)
+
+
+# ---------------------------------------------------------------- API
+
+_BACKENDS = {"naive": (naive_forward, naive_backward, naive_alpha),
+             "sparse": (sparse_forward, sparse_backward, sparse_alpha),
+             "dense": (dense_forward, dense_backward, dense_alpha)}
+Cache = namedtuple("Cache", "backend x params o attention has_bias")
+
+
+def _as_float_array(name, a, dtype=None, shape=None):
+    a = np.asarray(a)
+    if a.dtype not in FLOATS:
+        raise ValueError(f"{name} must be float32 or float64, got dtype {a.dtype}")
+    if dtype is not None and a.dtype != dtype:
+        raise ValueError(f"{name} has dtype {a.dtype} but x has {dtype}: all arrays must share one float dtype")
+    if shape is not None and a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    return a
+
+
+def _check_params(params, D, dtype):
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict, got {type(params).__name__}")
+    missing = [key for key in PARAM_KEYS if key not in params]
+    if missing:
+        raise ValueError(f"params is missing {missing}")
+    Wq = np.asarray(params["Wq"])
+    if Wq.ndim != 3 or Wq.shape[0] != D:
+        raise ValueError(f"params['Wq'] must have shape (D={D}, H, dh), got {Wq.shape}")
+    _, H, dh = Wq.shape
+    shapes = dict(Wq=(D, H, dh), Wk=(D, H, dh), Wv=(D, H, dh), bq=(H, dh), bk=(H, dh), bv=(H, dh),
+                  Wo=(H, dh, D), bo=(D,))
+    return {key: _as_float_array(f"params['{key}']", params[key], dtype, shape) for key, shape in shapes.items()}
+
+
+def forward(x, g, params, backend="dense", edge_bias=None):
+    """y (N, D) and a cache for backward. edge_bias (E, H), in g's input edge order, is added to the scores."""
+    if not isinstance(g, Graph):
+        raise TypeError(f"g must be a Graph, got {type(g).__name__}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends are {', '.join(BACKENDS)}")
+    x = _as_float_array("x", x)
+    if x.ndim != 2 or x.shape[0] != g.num_nodes:
+        raise ValueError(f"x must have shape (num_nodes={g.num_nodes}, D), got {x.shape}")
+    p = _check_params(params, x.shape[1], x.dtype)
+    H = p["Wq"].shape[1]
+    if edge_bias is not None:
+        edge_bias = _as_float_array("edge_bias", edge_bias, x.dtype, (g.num_edges, H))
+    q, k, v = _project(x, p)                                        # (N, H, dh) each
+    o, attention = _BACKENDS[backend][0](q, k, v, edge_bias, g)     # (N, H, dh)
+    y = o.reshape(len(x), -1) @ p["Wo"].reshape(-1, x.shape[1]) + p["bo"]   # (N, D)
+    return y, Cache(backend, x, p, o, attention, edge_bias is not None)
+
+
+def backward(dy, cache):
+    """dx (N, D) and grads, a dict with the keys of params (plus "edge_bias" if forward had one)."""
+    backend, x, p, o, attention, has_bias = cache
+    dy = _as_float_array("dy", dy, x.dtype, x.shape)
+    N, (H, dh, D) = len(x), p["Wo"].shape
+    grads = {"Wo": (o.reshape(N, H * dh).T @ dy).reshape(H, dh, D),     # y = o Wo + bo
+             "bo": dy.sum(0)}
+    do = (dy @ p["Wo"].reshape(H * dh, D).T).reshape(N, H, dh)      # (N, H, dh)
+    dq, dk, dv, ds = _BACKENDS[backend][1](do, attention)
+    if has_bias:
+        grads["edge_bias"] = ds                                     # s = ... + edge_bias
+    dx = _project_backward((dq, dk, dv), x, p, grads)
+    return dx, grads
+
+
+def attention_weights(cache):
+    """alpha (E, H) in the graph's input edge order."""
+    return _BACKENDS[cache.backend][2](cache.attention)
