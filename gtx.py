@@ -478,12 +478,12 @@ def forward(x, g, params, backend="dense", edge_bias=None):
     if x.ndim != 2 or x.shape[0] != g.num_nodes:
         raise ValueError(f"x must have shape (num_nodes={g.num_nodes}, D), got {x.shape}")
     p = _check_params(params, x.shape[1], x.dtype)
-    H = p["Wq"].shape[1]
     if edge_bias is not None:
-        edge_bias = _as_float_array("edge_bias", edge_bias, x.dtype, (g.num_edges, H))
+        edge_bias = _as_float_array("edge_bias", edge_bias, x.dtype, (g.num_edges, p["Wq"].shape[1]))
     q, k, v = _project(x, p)                                        # (N, H, dh) each
     o, attention = _BACKENDS[backend][0](q, k, v, edge_bias, g)     # (N, H, dh)
-    y = o.reshape(len(x), -1) @ p["Wo"].reshape(-1, x.shape[1]) + p["bo"]   # (N, D)
+    N, (H, dh, D) = len(x), p["Wo"].shape
+    y = o.reshape(N, H * dh) @ p["Wo"].reshape(H * dh, D) + p["bo"]   # (N, D)
     return y, Cache(backend, x, p, o, attention, edge_bias is not None)
 
 

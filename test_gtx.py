@@ -1,0 +1,594 @@
+"""Tests for gtx: a Transformer layer is graph attention on a complete graph.
+
+Three layers, each trusting only the one before it:
+  1. float64 central differences check every gradient of every backend;
+  2. the three backends agree on corner-case and random graphs;
+  3. on complete / causal graphs the layer equals textbook (GPT-style) attention.
+Then: attention-weight invariants, stability, bad input, positional encodings,
+per-edge bias, a small training run, and the benchmark smoke test.
+"""
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import gtx
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BACKENDS = gtx.BACKENDS
+F64, F32 = np.float64, np.float32
+PARAM_KEYS = ("Wq", "Wk", "Wv", "bq", "bk", "bv", "Wo", "bo")
+BAD = (ValueError, TypeError)
+
+# Tolerances, relative to the largest entry of the reference tensor.
+RTOL = {F64: 1e-10, F32: 1e-4}          # backend vs backend (float32: vs float64 on the same inputs)
+ATOL = {F64: 1e-14, F32: 1e-6}          # floor for gradients that are exactly 0 in exact arithmetic (inputs are O(1))
+FD_EPS, FD_RTOL, FD_ATOL = 1e-6, 1e-6, 1e-8   # float64 central differences, every entry of every tensor
+
+
+def assert_close(name, got, want, rtol, atol=0.0):
+    """max|got - want| <= rtol * max|want| + atol, with a message naming the tensor."""
+    got, want = np.asarray(got, F64), np.asarray(want, F64)
+    assert got.shape == want.shape, f"{name}: shape {got.shape}, want {want.shape}"
+    assert np.isfinite(got).all(), f"{name}: non-finite values"
+    if got.size == 0:
+        return
+    err, scale = np.abs(got - want).max(), np.abs(want).max()
+    assert err <= rtol * scale + atol, (
+        f"{name}: max abs err {err:.3g}, max rel err {err / scale if scale else np.inf:.3g} "
+        f"(relative to max|want| = {scale:.3g}; rtol {rtol:g}, atol {atol:g})")
+
+
+# ---------------------------------------------------------------- helpers
+
+def make_graph(edges, n):
+    """Graph from a list of (source j, target i) pairs."""
+    return gtx.Graph(np.array(edges, dtype=np.int64).reshape(-1, 2).T, n)
+
+
+def star(n):
+    """Hub 0 receives from and sends to every leaf."""
+    return [(j, 0) for j in range(1, n)] + [(0, j) for j in range(1, n)]
+
+
+def shuffled_random_graph(n, avg_degree, seed):
+    g = gtx.random_graph(n, avg_degree=avg_degree, rng=seed)
+    perm = np.random.default_rng(seed).permutation(g.num_edges)
+    return gtx.Graph(g.edge_index[:, perm], n)
+
+
+# Small graph for gradient checks: self-loop at 0, node 3 has only an out-edge, node 4 is isolated.
+FD_EDGES = [(0, 0), (1, 0), (2, 0), (0, 1), (3, 1), (1, 2), (0, 2), (2, 1)]
+
+GRAPHS = {
+    "single_node": lambda: make_graph([], 1),
+    "single_self_loop": lambda: make_graph([(0, 0)], 1),
+    "self_loops_only": lambda: make_graph([(i, i) for i in range(4)], 4),
+    "no_edges": lambda: make_graph([], 5),
+    "empty_N0": lambda: make_graph([], 0),
+    "isolated_nodes": lambda: make_graph([(0, 1), (1, 2), (2, 0), (1, 1)], 6),
+    "components": lambda: make_graph([(0, 1), (1, 0), (2, 3), (3, 4), (4, 2), (5, 5), (6, 5)], 8),
+    "star_hub": lambda: make_graph(star(60), 60),
+    "complete": lambda: gtx.complete_graph(12),
+    "complete_no_self_loops": lambda: gtx.complete_graph(9, self_loops=False),
+    "causal": lambda: gtx.causal_graph(10),
+    **{f"random{s}": (lambda s=s: shuffled_random_graph(25, 4, s)) for s in range(3)},
+}
+
+
+def make_inputs(g, D=6, H=2, dh=4, dtype=F64, seed=0, bias=True):
+    """x, params (with non-zero biases), dy and edge_bias for graph g."""
+    rng = np.random.default_rng(seed)
+    p = gtx.init_params(D, H, dh, rng=seed, dtype=F64)
+    for k in ("bq", "bk", "bv", "bo"):
+        p[k] = 0.5 * rng.standard_normal(p[k].shape)
+    x = rng.standard_normal((g.num_nodes, D))
+    dy = rng.standard_normal((g.num_nodes, D))
+    eb = rng.standard_normal((g.num_edges, H)) if bias else None
+    return astype(dtype, x, p, dy, eb)
+
+
+def astype(dtype, x, p, dy, eb):
+    cast = lambda a: None if a is None else a.astype(dtype)
+    return cast(x), {k: cast(v) for k, v in p.items()}, cast(dy), cast(eb)
+
+
+def run(backend, g, x, p, dy, eb=None):
+    """Forward + backward; every output in one dict."""
+    y, cache = gtx.forward(x, g, p, backend=backend, edge_bias=eb)
+    dx, grads = gtx.backward(dy, cache)
+    return {"y": y, "alpha": gtx.attention_weights(cache), "dx": dx,
+            **{"d" + k: v for k, v in grads.items()}}
+
+
+def edge_scores(g, x, p, eb=None):
+    """s[e, h] = <q[i_e], k[j_e]> / sqrt(dh) (+ edge_bias), computed independently of gtx."""
+    q = np.einsum("nd,dhk->nhk", x, p["Wq"]) + p["bq"]
+    k = np.einsum("nd,dhk->nhk", x, p["Wk"]) + p["bk"]
+    j, i = g.edge_index
+    s = np.einsum("ehk,ehk->eh", q[i], k[j]) / np.sqrt(q.shape[-1])
+    return s if eb is None else s + eb
+
+
+# ---------------------------------------------------------------- 1. gradients
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "edge_bias"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_match_central_differences(backend, bias):
+    g = make_graph(FD_EDGES, 5)
+    x, p, dy, eb = make_inputs(g, bias=bias)
+    out = run(backend, g, x, p, dy, eb)
+    assert ("dedge_bias" in out) == bias
+
+    def loss():  # weighted loss sum(y * dy): every output entry matters with its own weight
+        y, _ = gtx.forward(x, g, p, backend=backend, edge_bias=eb)
+        return np.sum(y * dy)
+
+    tensors = {"x": x, **p, **({"edge_bias": eb} if bias else {})}
+    for name, a in tensors.items():
+        numeric = np.empty(a.size)
+        for f in range(a.size):           # perturb in place (our own copies), then restore
+            old = a.flat[f]
+            a.flat[f] = old + FD_EPS
+            lp = loss()
+            a.flat[f] = old - FD_EPS
+            lm = loss()
+            a.flat[f] = old
+            numeric[f] = (lp - lm) / (2 * FD_EPS)
+        assert_close(f"{backend} d{name}", out["d" + name], numeric.reshape(a.shape), FD_RTOL, FD_ATOL)
+
+
+# ---------------------------------------------------------------- 2. backends agree
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "edge_bias"])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_backends_agree(graph, dtype, bias):
+    g = GRAPHS[graph]()
+    x, p, dy, eb = make_inputs(g, dtype=dtype, seed=2, bias=bias)
+    ref = run("naive", g, *astype(F64, x, p, dy, eb))   # float64 reference on the very same inputs
+    for backend in BACKENDS:
+        out = run(backend, g, x, p, dy, eb)
+        assert out.keys() == ref.keys()
+        for k in ref:
+            assert out[k].dtype == dtype, f"{backend} {k}: dtype {out[k].dtype}"
+            assert_close(f"{backend} {k}", out[k], ref[k], RTOL[dtype], ATOL[dtype])
+
+
+# ---------------------------------------------------------------- 3. textbook attention
+
+def textbook_attention(x, p, causal=False):
+    """softmax(Q K^T / sqrt(dh)) V per head, heads concatenated, output projection (as in PyTorch)."""
+    D, H, dh = p["Wq"].shape
+    N = x.shape[0]
+
+    def heads(W, b):  # (N, D) -> (H, N, dh)
+        return (x @ W.reshape(D, H * dh) + b.reshape(H * dh)).reshape(N, H, dh).transpose(1, 0, 2)
+
+    Q, K, V = heads(p["Wq"], p["bq"]), heads(p["Wk"], p["bk"]), heads(p["Wv"], p["bv"])
+    S = Q @ K.transpose(0, 2, 1) / np.sqrt(dh)
+    if causal:  # GPT: position i sees positions j <= i
+        S = np.where(np.triu(np.ones((N, N), bool), k=1), -np.inf, S)
+    A = np.exp(S - S.max(-1, keepdims=True))
+    A /= A.sum(-1, keepdims=True)
+    O = (A @ V).transpose(1, 0, 2).reshape(N, H * dh)
+    return O @ p["Wo"].reshape(H * dh, D) + p["bo"], A
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equals_textbook_attention(backend, causal):
+    n = 11
+    g = gtx.causal_graph(n) if causal else gtx.complete_graph(n, self_loops=True)
+    x, p, _, _ = make_inputs(g, D=8, H=2, dh=4, seed=3, bias=False)
+    y, cache = gtx.forward(x, g, p, backend=backend)
+    y_ref, A = textbook_attention(x, p, causal)
+    j, i = g.edge_index
+    assert_close(f"{backend} y", y, y_ref, 1e-10)
+    assert_close(f"{backend} alpha", gtx.attention_weights(cache), A[:, i, j].T, 1e-10)
+
+
+def test_graph_constructors():
+    ei = np.array([[0, 2, 1], [1, 1, 0]])
+    g = gtx.Graph(ei, 3)
+    assert (g.num_nodes, g.num_edges, g.is_complete) == (3, 3, False)
+    ei[0, 0] = 1                                   # Graph keeps its own read-only copy
+    assert g.edge_index.tolist() == [[0, 2, 1], [1, 1, 0]]
+    assert not g.edge_index.flags.writeable
+
+    edges = lambda g: set(zip(*g.edge_index.tolist()))
+    n = 5
+    assert gtx.complete_graph(n).is_complete
+    assert edges(gtx.complete_graph(n)) == {(j, i) for j in range(n) for i in range(n)}
+    assert not gtx.complete_graph(n, self_loops=False).is_complete
+    assert edges(gtx.complete_graph(n, self_loops=False)) == {(j, i) for j in range(n) for i in range(n) if j != i}
+    assert edges(gtx.causal_graph(n)) == {(j, i) for i in range(n) for j in range(i + 1)}
+
+
+def test_random_graph():
+    g = gtx.random_graph(50, avg_degree=3, rng=0)
+    j, i = g.edge_index
+    assert g.num_edges == 150
+    assert not np.any(j == i), "self-loop"
+    assert len(set(zip(j.tolist(), i.tolist()))) == g.num_edges, "duplicate edge"
+    assert np.any(np.diff(i) < 0), "edge order should be shuffled, not sorted by target"
+    assert np.array_equal(g.edge_index, gtx.random_graph(50, avg_degree=3, rng=0).edge_index)
+    assert gtx.random_graph(20, density=0.25, rng=np.random.default_rng(1)).num_edges == 100
+    for kw in ({}, {"avg_degree": 3, "density": 0.1}):
+        with pytest.raises(ValueError):
+            gtx.random_graph(20, **kw)
+
+
+def test_init_params():
+    D, H = 12, 3
+    p = gtx.init_params(D, H, rng=0)
+    dh = D // H
+    assert set(p) == set(PARAM_KEYS)
+    for k, shape in {"Wq": (D, H, dh), "Wk": (D, H, dh), "Wv": (D, H, dh), "bq": (H, dh), "bk": (H, dh),
+                     "bv": (H, dh), "Wo": (H, dh, D), "bo": (D,)}.items():
+        assert p[k].shape == shape and p[k].dtype == F64, k
+    for k in PARAM_KEYS:
+        assert np.array_equal(p[k], gtx.init_params(D, H, rng=0)[k]), f"{k} not deterministic"
+        if k.startswith("b"):
+            assert not p[k].any(), f"{k} should start at zero"
+        else:  # Glorot-uniform: |w| <= sqrt(6 / (fan_in + fan_out)), and not all zero
+            assert 0 < np.abs(p[k]).max() <= np.sqrt(6 / (D + H * dh)), k
+    assert not np.array_equal(p["Wq"], gtx.init_params(D, H, rng=1)["Wq"])
+    assert gtx.init_params(D, H, d_head=5, rng=0, dtype=F32)["Wo"].shape == (H, 5, D)
+    assert all(a.dtype == F32 for a in gtx.init_params(D, H, rng=0, dtype=F32).values())
+
+
+# ---------------------------------------------------------------- attention weights, corner cases, stability
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_weights_are_per_target_softmax(backend):
+    g = shuffled_random_graph(30, 1.5, seed=4)     # sparse enough that some nodes have no in-edges
+    x, p, _, eb = make_inputs(g, seed=4)
+    _, cache = gtx.forward(x, g, p, backend=backend, edge_bias=eb)
+    alpha = gtx.attention_weights(cache)
+    j, i = g.edge_index
+    s = edge_scores(g, x, p, eb)
+    want = np.empty_like(s)
+    for t in np.unique(i):                        # softmax over the edges into target t
+        e = np.exp(s[i == t] - s[i == t].max(0))
+        want[i == t] = e / e.sum(0)
+    assert (alpha >= 0).all()
+    sums = np.zeros((g.num_nodes, alpha.shape[1]))
+    np.add.at(sums, i, alpha)
+    has_in = np.bincount(i, minlength=g.num_nodes) > 0
+    assert not has_in.all(), "test graph should have nodes without in-edges"
+    assert_close("alpha sum per target", sums[has_in], np.ones_like(sums[has_in]), 1e-12)
+    assert_close("alpha in input edge order", alpha, want, 1e-10)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nodes_without_in_edges_output_bo(backend, dtype):
+    g = make_graph(FD_EDGES, 5)                   # node 3: out-edge only, node 4: isolated
+    x, p, dy, eb = make_inputs(g, dtype=dtype, seed=5)
+    out = run(backend, g, x, p, dy, eb)
+    assert np.array_equal(out["y"][3:], np.stack([p["bo"], p["bo"]]))
+    assert all(np.isfinite(v).all() for v in out.values())
+    assert not out["dx"][4].any(), "isolated node's features reach nothing"
+
+    g0 = make_graph([], 4)                        # E = 0: every node outputs bo, nothing flows back
+    x, p, dy, _ = make_inputs(g0, dtype=dtype, seed=5, bias=False)
+    out = run(backend, g0, x, p, dy)
+    assert np.array_equal(out["y"], np.tile(p["bo"], (4, 1)))
+    assert out["alpha"].shape == (0, 2)
+    assert_close("dbo", out["dbo"], dy.sum(0), RTOL[dtype])
+    for k in ("dx", "dWq", "dWk", "dWv", "dbq", "dbk", "dbv", "dWo"):
+        assert not out[k].any() and np.isfinite(out[k]).all(), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_float32(backend):
+    g = shuffled_random_graph(20, 4, seed=6)
+    x, p, dy, _ = make_inputs(g, D=8, H=2, dh=4, seed=6, bias=False)
+    p["Wq"] *= 30
+    p["Wk"] *= 30
+    # Per-target offsets of +-1e4: a global (not per-target) max would underflow whole rows to 0/0.
+    eb = np.where(g.edge_index[1] % 2 == 0, 1e4, -1e4)[:, None] * np.ones(2)
+    s = edge_scores(g, x, p, eb)
+    assert 5e3 < np.abs(s).max() < 1e5 and np.abs(s - eb).max() > 1e3, "scores should be around +-1e4"
+    inputs32 = astype(F32, x, p, dy, eb)
+    ref = run("naive", g, *astype(F64, *inputs32))
+    out = run(backend, g, *inputs32)
+    for k in ref:  # atol: saturated softmax makes the score gradients ~0 in float64, round-off in float32
+        assert_close(f"{backend} {k}", out[k], ref[k], 1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_does_not_reach_nodes_that_do_not_attend_to_it(backend):
+    g = make_graph([(0, 1), (1, 2), (2, 0), (3, 0), (4, 4), (1, 4), (5, 5)], 6)   # only node 0 attends to 3
+    x, p, _, _ = make_inputs(g, seed=7, bias=False)
+    y_clean, _ = gtx.forward(x, g, p, backend=backend)
+    x[3] = np.nan
+    y, _ = gtx.forward(x, g, p, backend=backend)
+    assert_close(f"{backend} y of nodes not attending to the NaN node", y[1:], y_clean[1:], 1e-12)
+
+
+def test_dense_memory_guard(monkeypatch):
+    g = gtx.complete_graph(64)
+    x, p, _, _ = make_inputs(g, bias=False)
+    need = gtx.dense_bytes(g, 2, F64)
+    assert need >= 64 * 64 * 8, "at least one N x N float64 matrix"
+    assert gtx.dense_bytes(gtx.complete_graph(128), 2, F64) > need
+    monkeypatch.setattr(gtx, "available_bytes", lambda: need - 1)
+    with pytest.raises(MemoryError, match="sparse"):
+        gtx.forward(x, g, p, backend="dense")
+    gtx.forward(x, g, p, backend="sparse")        # the suggested way out works
+    monkeypatch.setattr(gtx, "available_bytes", lambda: need)
+    gtx.forward(x, g, p, backend="dense")         # exactly enough memory: runs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_twice_gives_the_same_result(backend):
+    g = make_graph(FD_EDGES, 5)
+    x, p, dy, eb = make_inputs(g, seed=8)
+    _, cache = gtx.forward(x, g, p, backend=backend, edge_bias=eb)
+    dx1, g1 = gtx.backward(dy, cache)
+    dx2, g2 = gtx.backward(dy, cache)
+    assert np.array_equal(dx1, dx2)
+    assert g1.keys() == g2.keys() and all(np.array_equal(g1[k], g2[k]) for k in g1)
+
+
+def test_sparse_is_deterministic():
+    for g in (gtx.random_graph(300, avg_degree=8, rng=9), make_graph(star(300), 300)):
+        x, p, dy, eb = make_inputs(g, D=16, H=4, dh=8, dtype=F32, seed=9)
+        a, b = run("sparse", g, x, p, dy, eb), run("sparse", g, x, p, dy, eb)
+        for k in a:
+            assert np.array_equal(a[k], b[k]), f"sparse {k} not bit-identical across calls"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_are_not_mutated(backend):
+    ei = np.array(FD_EDGES).T.copy()
+    g = gtx.Graph(ei, 5)
+    x, p, dy, eb = make_inputs(g, seed=10)
+    before = [a.copy() for a in (ei, g.edge_index, x, dy, eb, *p.values())]
+    _, cache = gtx.forward(x, g, p, backend=backend, edge_bias=eb)
+    gtx.backward(dy, cache)
+    gtx.attention_weights(cache)
+    after = (ei, g.edge_index, x, dy, eb, *p.values())
+    names = ("edge_index", "g.edge_index", "x", "dy", "edge_bias", *p)
+    for name, a, b in zip(names, before, after):
+        assert np.array_equal(a, b), f"{backend} mutated {name}"
+
+
+# ---------------------------------------------------------------- bad input
+
+BAD_GRAPHS = {
+    "not_2xE": (np.zeros((3, 2), np.int64), 4, "edge_index"),
+    "1d": (np.zeros(4, np.int64), 4, "edge_index"),
+    "float": (np.array([[0.0, 1.0], [1.0, 2.0]]), 4, "edge_index"),
+    "negative_index": (np.array([[0, -1, 2], [1, 2, 3]]), 4, "column 1"),
+    "index_too_large": (np.array([[0, 1, 2, 9], [1, 4, 3, 1]]), 4, "column 1"),
+    "duplicate": (np.array([[0, 2, 0, 2], [1, 1, 1, 1]]), 4, r"duplicate edge.*\(0, 1\)"),
+    "negative_num_nodes": (np.zeros((2, 0), np.int64), -1, "num_nodes"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_GRAPHS)
+def test_bad_graph(case):
+    edge_index, n, message = BAD_GRAPHS[case]
+    with pytest.raises(BAD, match=message):
+        gtx.Graph(edge_index, n)
+
+
+# Each case edits the arguments of a valid forward call: (edit, regex the error message must match).
+def _set(key, fn):
+    return lambda a: a.update({key: fn(a)})
+
+
+def _param(key, fn):
+    return lambda a: a.update(params={**a["params"], key: fn(a["params"][key])})
+
+
+BAD_FORWARD = {
+    "x_rows": (_set("x", lambda a: a["x"][:-1]), r"\bx\b"),
+    "x_1d": (_set("x", lambda a: a["x"].ravel()), r"\bx\b"),
+    "x_int": (_set("x", lambda a: a["x"].astype(np.int64)), "dtype|float"),
+    "x_float32_params_float64": (_set("x", lambda a: a["x"].astype(F32)), "dtype|float"),
+    "Wv_float32": (_param("Wv", lambda w: w.astype(F32)), "dtype|float|Wv"),
+    "params_not_dict": (_set("params", lambda a: list(a["params"].values())), "params"),
+    "params_missing_Wo": (_set("params", lambda a: {k: v for k, v in a["params"].items() if k != "Wo"}), "Wo"),
+    "Wq_width": (_param("Wq", lambda w: w[:-1]), r"Wq|\bx\b"),
+    "Wk_head_size": (_param("Wk", lambda w: w[..., :-1]), "Wk"),
+    "bq_shape": (_param("bq", lambda b: b[:, :-1]), "bq"),
+    "Wo_shape": (_param("Wo", lambda w: w[:, :, :-1]), "Wo"),
+    "bo_shape": (_param("bo", lambda b: b[:-1]), "bo"),
+    "graph_not_Graph": (_set("g", lambda a: a["g"].edge_index), "Graph"),
+    "edge_bias_heads": (_set("edge_bias", lambda a: a["edge_bias"][:, :1]), "edge_bias"),
+    "edge_bias_rows": (_set("edge_bias", lambda a: a["edge_bias"][:-1]), "edge_bias"),
+    "edge_bias_1d": (_set("edge_bias", lambda a: a["edge_bias"][:, 0]), "edge_bias"),
+    "edge_bias_float32": (_set("edge_bias", lambda a: a["edge_bias"].astype(F32)), "edge_bias"),
+    "edge_bias_int": (_set("edge_bias", lambda a: a["edge_bias"].astype(np.int64)), "edge_bias"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FORWARD)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_forward_input(backend, case):
+    g = make_graph(FD_EDGES, 5)
+    x, p, _, eb = make_inputs(g)
+    args = {"x": x, "g": g, "params": p, "edge_bias": eb}
+    before = [a.copy() for a in (x, eb, *p.values())]
+    edit, message = BAD_FORWARD[case]
+    edit(args)
+    with pytest.raises(BAD, match=message):
+        gtx.forward(args["x"], args["g"], args["params"], backend=backend, edge_bias=args["edge_bias"])
+    assert all(np.array_equal(a, b) for a, b in zip(before, (x, eb, *p.values()))), "inputs mutated"
+
+
+def test_unknown_backend_lists_the_valid_ones():
+    g = make_graph(FD_EDGES, 5)
+    x, p, _, _ = make_inputs(g)
+    with pytest.raises(ValueError, match="cuda") as e:
+        gtx.forward(x, g, p, backend="cuda")
+    assert all(b in str(e.value) for b in BACKENDS), str(e.value)
+
+
+@pytest.mark.parametrize("bad_dy", ["rows", "cols", "float32", "int"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_dy(backend, bad_dy):
+    g = make_graph(FD_EDGES, 5)
+    x, p, dy, _ = make_inputs(g)
+    _, cache = gtx.forward(x, g, p, backend=backend)
+    dy = {"rows": dy[:-1], "cols": dy[:, :-1], "float32": dy.astype(F32),
+          "int": dy.astype(np.int64)}[bad_dy]
+    with pytest.raises(BAD, match="dy"):
+        gtx.backward(dy, cache)
+
+
+# ---------------------------------------------------------------- positional encodings (issue #5)
+
+def test_sinusoidal_pe():
+    n, d = 9, 6
+    want = np.zeros((n, d))
+    for pos in range(n):
+        for i in range(d // 2):
+            w = pos / 10000 ** (2 * i / d)
+            want[pos, 2 * i], want[pos, 2 * i + 1] = np.sin(w), np.cos(w)
+    assert_close("sinusoidal_pe", gtx.sinusoidal_pe(n, d), want, 1e-12)
+
+
+def laplacian(g):
+    """I - D^-1/2 A D^-1/2 of the undirected graph without self-loops (an isolated node keeps L_ii = 1)."""
+    n = g.num_nodes
+    A = np.zeros((n, n))
+    j, i = g.edge_index
+    A[j, i] = A[i, j] = 1
+    np.fill_diagonal(A, 0)
+    deg = A.sum(1)
+    dinv = np.where(deg > 0, 1 / np.sqrt(np.maximum(deg, 1)), 0)
+    return np.eye(n) - dinv[:, None] * A * dinv[None, :]
+
+
+def check_laplacian_pe(g, pe, k):
+    """Orthonormal eigenvectors of the k smallest non-trivial eigenvalues, ascending, zero padding past N-1."""
+    L, m = laplacian(g), min(k, g.num_nodes - 1)
+    assert pe.shape == (g.num_nodes, k)
+    V = pe[:, :m]
+    lam = np.einsum("nk,nm,mk->k", V, L, V)       # Rayleigh quotients
+    assert_close("V^T V", V.T @ V, np.eye(m), 0, atol=1e-10)
+    assert_close("L V - V lambda", L @ V, V * lam, 0, atol=1e-8)
+    assert_close("eigenvalues", lam, np.linalg.eigvalsh(L)[1:m + 1], 0, atol=1e-8)
+    assert not pe[:, m:].any(), "columns past N-1 should be zero padding"
+    return lam
+
+
+LPE_GRAPHS = {
+    "random": (lambda: gtx.random_graph(14, avg_degree=2, rng=11), 5),
+    "disconnected_isolated_self_loop": (lambda: make_graph([(0, 1), (1, 2), (2, 0), (3, 4), (4, 5), (5, 5)], 8), 6),
+    "path_k_too_large": (lambda: make_graph([(0, 1), (1, 2), (3, 2)], 4), 6),
+    "single_node": (lambda: make_graph([], 1), 2),
+}
+
+
+@pytest.mark.parametrize("graph", LPE_GRAPHS)
+def test_laplacian_pe_eigenvectors(graph):
+    make, k = LPE_GRAPHS[graph]
+    check_laplacian_pe(make(), gtx.laplacian_pe(make(), k), k)
+
+
+def test_laplacian_pe_cycle_eigenvalues():
+    n, k = 10, 6
+    g = make_graph([(v, (v + 1) % n) for v in range(n)], n)     # directed cycle; the PE uses the undirected one
+    lam = check_laplacian_pe(g, gtx.laplacian_pe(g, k), k)
+    want = np.sort(1 - np.cos(2 * np.pi * np.arange(1, n) / n))[:k]
+    assert_close("cycle eigenvalues", lam, want, 0, atol=1e-10)
+
+
+def test_laplacian_pe_relabelling_and_signs():
+    # A path with two chords: no symmetry, simple eigenvalues, eigenvectors unique up to sign.
+    n, k = 8, 5
+    edges = [(v, v + 1) for v in range(n - 1)] + [(1, 4), (2, 6)]
+    g = make_graph(edges, n)
+    assert np.diff(np.linalg.eigvalsh(laplacian(g))).min() > 1e-3, "precondition: simple eigenvalues"
+    pe = gtx.laplacian_pe(g, k)
+    check_laplacian_pe(g, pe, k)
+    top = np.abs(pe).argmax(0)
+    assert (pe[top, np.arange(k)] > 0).all(), "sign convention: largest |entry| of each column is positive"
+
+    perm = np.random.default_rng(12).permutation(n)               # node v becomes perm[v]
+    pe_p = gtx.laplacian_pe(gtx.Graph(perm[np.array(edges).T], n), k)[perm]
+    signs = np.sign(np.sum(pe_p * pe, 0))
+    assert_close("relabelled PE rows", pe_p * signs, pe, 0, atol=1e-8)
+
+    flipped = []
+    for seed in range(6):
+        pe_r = gtx.laplacian_pe(g, k, rng=np.random.default_rng(seed))
+        s = np.sign(np.sum(pe_r * pe, 0))
+        assert_close("sign-flipped PE", pe_r, pe * s, 0, atol=1e-12)
+        assert np.array_equal(pe_r, gtx.laplacian_pe(g, k, rng=np.random.default_rng(seed)))
+        flipped.append(s < 0)
+    assert np.any(flipped), "rng should flip some signs"
+
+    # undirected, self-loops ignored: reversing edges and adding self-loops changes nothing
+    g2 = make_graph([(i, j) for j, i in edges] + [(v, v) for v in range(n)], n)
+    assert_close("PE of reversed graph with self-loops", gtx.laplacian_pe(g2, k), pe, 0, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_permutation_equivariance_broken_by_positional_encoding(backend):
+    n, D = 7, 8
+    g = gtx.complete_graph(n)
+    x, p, _, _ = make_inputs(g, D=D, H=2, dh=4, seed=13, bias=False)
+    f = lambda x: gtx.forward(x, g, p, backend=backend)[0]
+    perm = np.random.default_rng(13).permutation(n)
+    # Without positions a Transformer is a function of a set: permuting tokens permutes outputs.
+    assert_close(f"{backend} f(x[perm])", f(x[perm]), f(x)[perm], 1e-10)
+    # With positional encodings added, it sees order.
+    pe = gtx.sinusoidal_pe(n, D)
+    err = np.abs(f(x[perm] + pe) - f(x + pe)[perm]).max()
+    assert err > 1e-2 * np.abs(f(x + pe)).max(), f"PE should break equivariance, max diff only {err:.2g}"
+
+
+# ---------------------------------------------------------------- it learns (issue #5)
+
+@pytest.mark.parametrize("backend", ["sparse", "dense"])
+def test_training_learns_mean_of_in_neighbours(backend):
+    """One gtx layer, Adam on gtx's own gradients: each node learns to output the mean of its
+    in-neighbours' features. Needs the graph: the target of a node depends on other nodes only."""
+    n, D, H, steps, lr = 48, 8, 2, 300, 1e-2
+    g = gtx.random_graph(n, avg_degree=4, rng=14)
+    j, i = g.edge_index
+    deg = np.maximum(np.bincount(i, minlength=n), 1)[:, None]
+
+    def target(x):
+        s = np.zeros_like(x)
+        np.add.at(s, i, x[j])
+        return s / deg
+
+    rng = np.random.default_rng(14)
+    params = gtx.init_params(D, H, rng=14)
+    m = {k: np.zeros_like(v) for k, v in params.items()}
+    v = {k: np.zeros_like(v) for k, v in params.items()}
+    x_test = rng.standard_normal((n, D))
+    test_loss = lambda: np.mean((gtx.forward(x_test, g, params, backend=backend)[0] - target(x_test)) ** 2)
+
+    loss0, t0 = test_loss(), time.perf_counter()
+    for t in range(1, steps + 1):
+        x = rng.standard_normal((n, D))                  # fresh features every step: learn the rule, not the data
+        y, cache = gtx.forward(x, g, params, backend=backend)
+        _, grads = gtx.backward(2 * (y - target(x)) / y.size, cache)   # d mean-squared-error / dy
+        for k in params:
+            m[k] = 0.9 * m[k] + 0.1 * grads[k]
+            v[k] = 0.999 * v[k] + 0.001 * grads[k] ** 2
+            params[k] = params[k] - lr * (m[k] / (1 - 0.9 ** t)) / (np.sqrt(v[k] / (1 - 0.999 ** t)) + 1e-8)
+    loss1 = test_loss()
+    print(f"\n[train {backend}] test loss {loss0:.3g} -> {loss1:.3g}: {loss0 / loss1:.0f}x lower "
+          f"in {steps} Adam steps, {time.perf_counter() - t0:.2f} s")
+    assert loss0 / loss1 >= 10
+
+
+# ---------------------------------------------------------------- benchmark smoke test (issue #3)
+
+def test_bench_quick_runs():
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--quick"], cwd=HERE, capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, f"bench.py --quick failed:\n{r.stderr[-3000:]}"
+    assert "dense" in r.stdout and "sparse" in r.stdout, r.stdout[-3000:]
