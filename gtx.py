@@ -177,7 +177,10 @@ def init_params(d_model, n_heads, d_head=None, rng=None, dtype=np.float64):
 def _project(x, p):
     """q = x Wq + bq, k = x Wk + bk, v = x Wv + bv, each (N, H, dh)."""
     D, H, dh = p["Wq"].shape
-    return [(x @ p["W" + c].reshape(D, H * dh) + p["b" + c].reshape(H * dh)).reshape(-1, H, dh) for c in "qkv"]
+    qkv = [x @ p["W" + c].reshape(D, H * dh) for c in "qkv"]       # (N, H*dh) each
+    for a, c in zip(qkv, "qkv"):
+        a += p["b" + c].reshape(H * dh)                             # in place: no second (N, H*dh) array
+    return [a.reshape(-1, H, dh) for a in qkv]
 
 
 def _project_backward(dqkv, x, p, grads):
@@ -251,13 +254,14 @@ _REASSOC = {"reassoc", "contract"}
 def _sparse_forward_kernel(q, k, v, bias, indptr, src, chunks):
     N, H, dh = q.shape
     scale = q.dtype.type(1 / np.sqrt(dh))
-    alpha = np.empty((src.size, H), q.dtype)                        # (E, H) in CSR order
-    o = np.zeros_like(q)                                            # (N, H, dh)
+    alpha, o = np.empty((src.size, H), q.dtype), np.empty_like(q)  # (E, H) in CSR order, (N, H, dh)
     for c in nb.prange(chunks.size - 1):
         m, den = np.empty(H, q.dtype), np.empty(H, q.dtype)         # (H,) per-target max and softmax sum
+        acc = np.empty((H, dh), q.dtype)                            # (H, dh) o_i, unnormalised
         for i in range(chunks[c], chunks[c + 1]):
             m[:] = -np.inf
             den[:] = 0
+            acc[:] = 0
             for e in range(indptr[i], indptr[i + 1]):               # s = <q_i, k_j> / sqrt(dh) + bias
                 j = src[e]
                 for h in range(H):
@@ -273,20 +277,20 @@ def _sparse_forward_kernel(q, k, v, bias, indptr, src, chunks):
                     p = np.exp(alpha[e, h] - m[h])
                     alpha[e, h] = p
                     den[h] += p
-                    for d in range(dh):                             # o_i accumulates unnormalised ...
-                        o[i, h, d] += p * v[j, h, d]
-            for h in range(H):                                      # ... and is divided once; no in-edges: o_i = 0
+                    for d in range(dh):
+                        acc[h, d] += p * v[j, h, d]
+            for h in range(H):                                      # normalise once; no in-edges: o_i = 0 / 1
                 for e in range(indptr[i], indptr[i + 1]):
                     alpha[e, h] /= den[h]
                 for d in range(dh):
-                    o[i, h, d] /= max(den[h], 1)                    # den >= 1 whenever i has an in-edge
+                    o[i, h, d] = acc[h, d] / max(den[h], 1)         # den >= 1 whenever i has an in-edge
     return o, alpha
 
 
 def sparse_forward(q, k, v, bias, g):
     csr_bias = None if bias is None else bias[g.perm]               # (E, H) input order -> CSR order
     o, alpha = _sparse_forward_kernel(q, k, v, csr_bias, g.indptr, g.src, g.chunks)
-    return o, (q, k, v, o, alpha, g)                                # alpha (E, H) kept: the backward needs it
+    return o, (q, k, v, o, alpha, g, bias is not None)              # alpha (E, H) kept: the backward needs it
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_REASSOC)
@@ -294,13 +298,14 @@ def _sparse_backward_targets(do, q, k, v, o, alpha, indptr, src, chunks):
     """ds (E, H) and dq (N, H, dh): every write lands on the target row i this thread owns."""
     N, H, dh = q.shape
     scale = q.dtype.type(1 / np.sqrt(dh))
-    ds, dq = np.empty_like(alpha), np.zeros_like(q)
+    ds, dq = np.empty_like(alpha), np.empty_like(q)
     for c in nb.prange(chunks.size - 1):
         for i in range(chunks[c], chunks[c + 1]):
             for h in range(H):
                 dot = q.dtype.type(0)                               # sum_e alpha_e dalpha_e = <do_i, o_i>
                 for d in range(dh):
                     dot += do[i, h, d] * o[i, h, d]
+                    dq[i, h, d] = 0
                 for e in range(indptr[i], indptr[i + 1]):
                     j, da = src[e], q.dtype.type(0)                 # o_i = sum_e alpha_e v_j: dalpha_e = <do_i, v_j>
                     for d in range(dh):
@@ -316,9 +321,10 @@ def _sparse_backward_sources(do, q, alpha, ds, t_indptr, t_pos, t_dst, t_chunks)
     """dk and dv (N, H, dh) by a pass over the transposed CSR: every write lands on the source row j."""
     N, H, dh = q.shape
     scale = q.dtype.type(1 / np.sqrt(dh))
-    dk, dv = np.zeros_like(q), np.zeros_like(q)
+    dk, dv = np.empty_like(q), np.empty_like(q)
     for c in nb.prange(t_chunks.size - 1):
         for j in range(t_chunks[c], t_chunks[c + 1]):
+            dk[j], dv[j] = 0, 0
             for t in range(t_indptr[j], t_indptr[j + 1]):
                 e, i = t_pos[t], t_dst[t]                           # e: the edge's position in the target CSR
                 for h in range(H):
@@ -330,9 +336,11 @@ def _sparse_backward_sources(do, q, alpha, ds, t_indptr, t_pos, t_dst, t_chunks)
 
 
 def sparse_backward(do, cache):
-    q, k, v, o, alpha, g = cache
+    q, k, v, o, alpha, g, has_bias = cache
     ds, dq = _sparse_backward_targets(do, q, k, v, o, alpha, g.indptr, g.src, g.chunks)
     dk, dv = _sparse_backward_sources(do, q, alpha, ds, g.t_indptr, g.t_pos, g.t_dst, g.t_chunks)
+    if not has_bias:
+        return dq, dk, dv, None
     ds_input = np.empty_like(ds)
     ds_input[g.perm] = ds                                           # CSR order -> input order
     return dq, dk, dv, ds_input
