@@ -80,10 +80,12 @@ class Graph:
         return f"Graph(num_nodes={self.num_nodes}, num_edges={self.num_edges})"
 
     @cached_property
-    def non_edge(self):
-        """(N, N) bool, True at [i, j] where there is no edge j -> i. Built once, for the dense backend."""
-        m = np.ones((self.num_nodes, self.num_nodes), bool)
-        m[self.edge_index[1], self.edge_index[0]] = False
+    def dense_mask(self):
+        """(N, N) float32: +inf at [i, j] for an edge j -> i, -inf elsewhere. Built once, for the dense
+        backend: np.fmin(s, dense_mask) selects -inf at non-edges, and fmin ignores NaN, so a NaN score
+        cannot survive at a non-edge. One branch-free pass, unlike a boolean where= (up to 15x slower)."""
+        m = np.full((self.num_nodes, self.num_nodes), -np.inf, np.float32)
+        m[self.edge_index[1], self.edge_index[0]] = np.inf
         return m
 
 
@@ -362,9 +364,9 @@ def sparse_alpha(cache):
 
 def dense_bytes(g, n_heads, dtype):
     """Bytes of N x N work the dense backend needs for forward plus backward: ex (H, N, N), kept
-    for the backward, one (N, N) scratch matrix, and the (N, N) bool mask unless g is complete."""
+    for the backward, one (N, N) scratch matrix, and the (N, N) float32 mask unless g is complete."""
     n2 = g.num_nodes ** 2
-    return (n_heads + 1) * n2 * np.dtype(dtype).itemsize + (0 if g.is_complete else n2)
+    return (n_heads + 1) * n2 * np.dtype(dtype).itemsize + (0 if g.is_complete else 4 * n2)
 
 
 def available_bytes():
@@ -382,7 +384,7 @@ def dense_forward(q, k, v, bias, g):
     if need > have:
         raise MemoryError(f"dense backend needs about {need / 2**30:.1f} GiB for its N x N work (N={N}, H={H}), "
                           f"but {have / 2**30:.1f} GiB is available; use backend='sparse'")
-    non_edge = None if g.is_complete else g.non_edge               # (N, N) or None: a complete graph needs no mask
+    mask = None if g.is_complete else g.dense_mask                  # (N, N) or None: a complete graph needs no mask
     src, dst = g.edge_index
     qs = q / math.sqrt(dh)                                          # (N, H, dh) scale folded into q: N*dh work, not N^2
     ex = np.empty((H, N, N), q.dtype)                               # (H, N, N) kept for the backward on purpose
@@ -393,25 +395,25 @@ def dense_forward(q, k, v, bias, g):
         np.matmul(qs[:, h], k[:, h].T, out=s)
         if bias is not None:
             s[dst, src] += bias[:, h]
-        if non_edge is not None:
-            np.copyto(s, -np.inf, where=non_edge)
+        if mask is not None:
+            np.fmin(s, mask, out=s)                                 # non-edges -> -inf, by selection
         m = s.max(1, initial=-np.inf)                               # (N,) row max, subtracted for stability
         m[m == -np.inf] = 0                                         # a row with no edges stays -inf, exp gives 0
         s -= m[:, None]
         np.exp(s, out=s)
         den[:, h] = s.sum(1)
-        o[:, h] = _masked_matmul(s, v[:, h], non_edge)
+        o[:, h] = _masked_matmul(s, v[:, h], mask)
     o /= np.maximum(den, 1)[..., None]                              # den >= 1 on rows with edges; empty rows: 0 / 1
     return o, (qs, k, v, o, ex, den, g, bias is not None)
 
 
-def _masked_matmul(p, v, non_edge):
+def _masked_matmul(p, v, mask):
     """p @ v, except that a non-finite v_j reaches only the rows i with an edge j -> i, as in the loops."""
     bad = ~np.isfinite(v).all(1)                                    # (N,) sources whose v is inf or NaN
-    if non_edge is None or not bad.any():
+    if mask is None or not bad.any():
         return p @ v
     out = p @ np.where(bad[:, None], 0, v)
-    hit = ~non_edge[:, bad].all(1)                                  # rows that do attend to a bad source
+    hit = (mask[:, bad] > 0).any(1)                                 # rows that do attend to a bad source
     out[hit] = p[hit] @ v
     return out
 
