@@ -56,9 +56,9 @@ class Graph:
             raise ValueError(f"edge_index column {c} is ({ei[0, c]}, {ei[1, c]}): "
                              f"node indices must be in [0, num_nodes={num_nodes})")
         N, (src, dst) = int(num_nodes), ei.astype(np.int64)
-        order = np.argsort(dst * N + src, kind="stable")           # (E,) edges sorted by (target, source)
-        key = (dst * N + src)[order]
-        dup = order[1:][key[1:] == key[:-1]]
+        key = dst * N + src                                         # (E,) one integer per (j, i) pair
+        order = np.argsort(key, kind="stable")                      # (E,) edges sorted by (target, source)
+        dup = order[1:][key[order[1:]] == key[order[:-1]]]          # repeats, as input columns
         if dup.size:
             c = dup.min()
             raise ValueError(f"edge_index has a duplicate edge (j, i) = ({src[c]}, {dst[c]}) at column {c}")
@@ -198,8 +198,9 @@ def _project_backward(dqkv, x, p, grads):
 
 
 # ---------------------------------------------------------------- naive
-# Every backend implements the attention core, (q, k, v, bias, g) -> o, and its backward,
-# do -> (dq, dk, dv, ds); ds = dL/ds is also the gradient of the edge bias.
+# Every backend implements the attention core between the shared projections: forward
+# (q, k, v, bias, g) -> (o, cache) and backward (do, cache) -> (dq, dk, dv, ds), where ds = dL/ds
+# is also the edge bias's gradient, in input edge order (sparse and dense return None without a bias).
 
 def naive_forward(q, k, v, bias, g):
     """Per-edge loops that read like the math; vectorised over heads and dh, never over edges."""
