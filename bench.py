@@ -247,7 +247,7 @@ def measure_case(case, cases, cfg, dtype, threads):
     def unaffordable(b, reference=False):
         """Why b may not run here (None if it may): to be timed, or just once as a reference."""
         if b == "dense" and need > cfg["dense_cap"]:
-            return f"needs {need / GiB:.1f} GiB > {cfg['dense_cap'] / GiB:.1f} GiB cap"
+            return f"needs {fmt_bytes(need)} > {fmt_bytes(cfg['dense_cap'])} cap"
         if b == "naive" and E > cfg["naive_max_edges"] and not reference:
             return f"per-edge Python loop, E > {cfg['naive_max_edges']}"
         est, budget = predict(b, case, cases)[0], cfg["check_budget" if reference else "row_budget"]
@@ -409,6 +409,10 @@ def fmt_mib(b):
     return f"{b / MiB:.1f}" if b < 10 * MiB else f"{b / MiB:.0f}"
 
 
+def fmt_bytes(b):
+    return f"{b / GiB:.1f} GiB" if b >= GiB else f"{fmt_mib(b)} MiB"
+
+
 def fmt_count(n):
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e4 else str(n)
 
@@ -526,11 +530,11 @@ def verdicts(cases, cross, speedups, cfg):
     for name in ("transformer", "sparse"):
         c = by[name]
         peak = {b: c["rows"][b].get("memory", {}).get("peak_bytes") for b in ("sparse", "dense")}
-        dense = (f"dense peak {peak['dense'] / MiB:.0f} MiB" if peak["dense"] else
-                 f"dense would need {c['dense_bytes'] / GiB:.1f} GiB (gtx.dense_bytes)")
+        dense = (f"dense peak {fmt_bytes(peak['dense'])}" if peak["dense"] else
+                 f"dense would need {fmt_bytes(c['dense_bytes'])} (gtx.dense_bytes)")
         if peak["sparse"]:
             out.append(f"memory on {name} (N={c['N']}, E={fmt_count(c['E'])}): sparse peak "
-                       f"{peak['sparse'] / MiB:.0f} MiB, O(H E); {dense}, O(H N^2)")
+                       f"{fmt_bytes(peak['sparse'])}, O(H E); {dense}, O(H N^2)")
     return out
 
 

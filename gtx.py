@@ -69,11 +69,11 @@ class Graph:
         # CSR by target: the in-edges of i sit at positions indptr[i]:indptr[i+1]
         self.perm = order                                           # (E,) CSR position -> input edge id
         self.src = src[order]                                       # (E,) source of each CSR edge
-        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(dst, minlength=N))])  # (N+1,)
+        self.indptr = _indptr(dst, N)                               # (N+1,)
         # CSR by source (the transpose): out-edges of j, as positions into the target CSR
         self.t_pos = np.argsort(self.src, kind="stable")            # (E,)
         self.t_dst = dst[order][self.t_pos]                         # (E,) target of each transposed edge
-        self.t_indptr = np.concatenate([[0], np.cumsum(np.bincount(src, minlength=N))])  # (N+1,)
+        self.t_indptr = _indptr(src, N)                             # (N+1,)
         self.chunks, self.t_chunks = _balanced_chunks(self.indptr), _balanced_chunks(self.t_indptr)
 
     def __repr__(self):
@@ -89,8 +89,14 @@ class Graph:
         return m
 
 
+def _indptr(node_of_edge, N):
+    """(N+1,) CSR offsets: the edges of node n sit at [indptr[n], indptr[n+1]) once sorted by node."""
+    return np.concatenate([[0], np.cumsum(np.bincount(node_of_edge, minlength=N))])
+
+
 def _balanced_chunks(indptr, n_chunks=64):
-    """Node ranges of about equal work (edges + nodes), so hubs do not leave one thread doing most of it."""
+    """(<= n_chunks+1,) bounds of node ranges of about equal work (edges + nodes), so that many hubs
+    spread over the threads. A node is never split: one hub with most of the edges stays on one thread."""
     work = indptr + np.arange(indptr.size)                          # (N+1,) strictly increasing
     return np.unique(np.searchsorted(work, np.linspace(0, work[-1], n_chunks + 1)))
 
@@ -161,17 +167,18 @@ def laplacian_pe(g, k, rng=None):
 # ---------------------------------------------------------------- parameters
 
 def init_params(d_model, n_heads, d_head=None, rng=None, dtype=np.float64):
-    """Wq, Wk, Wv (D, H, dh); bq, bk, bv (H, dh); Wo (H, dh, D); bo (D,).
-    Glorot-uniform weights and zero biases, as torch.nn.MultiheadAttention initialises its in-projection."""
+    """Wq, Wk, Wv (D, H, dh); bq, bk, bv (H, dh); Wo (H, dh, D); bo (D,). Zero biases and Glorot-uniform
+    weights: as torch.nn.MultiheadAttention, over the stacked (D, 3 H dh) in-projection for Wq, Wk, Wv;
+    over (H dh, D) for Wo (torch leaves its out_proj at nn.Linear's default, U(+-1/sqrt(H dh)))."""
     dh = d_model // n_heads if d_head is None else d_head
-    if min(d_model, n_heads, dh) < 1:
+    if not all(isinstance(n, (int, np.integer)) and n >= 1 for n in (d_model, n_heads, dh)):
         raise ValueError(f"init_params: need d_model, n_heads, d_head >= 1, got {d_model}, {n_heads}, {dh}")
     if np.dtype(dtype) not in FLOATS:
         raise ValueError(f"init_params: dtype must be float32 or float64, got {np.dtype(dtype)}")
     D, H, rng = d_model, n_heads, np.random.default_rng(rng)
-    bound = math.sqrt(6 / (D + H * dh))                             # fan_in + fan_out of a (D, H*dh) matrix
-    W = lambda *shape: rng.uniform(-bound, bound, shape).astype(dtype)
-    return dict(Wq=W(D, H, dh), Wk=W(D, H, dh), Wv=W(D, H, dh), Wo=W(H, dh, D),
+    W = lambda bound, *shape: rng.uniform(-bound, bound, shape).astype(dtype)
+    qkv, out = math.sqrt(6 / (D + 3 * H * dh)), math.sqrt(6 / (H * dh + D))   # sqrt(6 / (fan_in + fan_out))
+    return dict(Wq=W(qkv, D, H, dh), Wk=W(qkv, D, H, dh), Wv=W(qkv, D, H, dh), Wo=W(out, H, dh, D),
                 bq=np.zeros((H, dh), dtype), bk=np.zeros((H, dh), dtype), bv=np.zeros((H, dh), dtype),
                 bo=np.zeros(D, dtype))
 
@@ -211,18 +218,20 @@ def naive_forward(q, k, v, bias, g):
     m = np.full((N, H), -np.inf, q.dtype)                           # (N, H) per-target max, subtracted for stability
     for e, i in enumerate(dst):
         m[i] = np.maximum(m[i], s[e])
+    m[m == -np.inf] = 0                                             # every score -inf (a masking bias): weights 0
     ex, den = np.empty_like(s), np.zeros((N, H), q.dtype)           # (E, H), (N, H)
     for e, i in enumerate(dst):
         ex[e] = np.exp(s[e] - m[i])
-        den[i] += ex[e]                                             # >= 1 for any target with an in-edge
+        den[i] += ex[e]                                             # >= 1 unless every score of i is -inf
     alpha, o = np.empty_like(s), np.zeros_like(q)                   # (E, H), (N, H, dh)
     for e, (j, i) in enumerate(zip(src, dst)):
-        alpha[e] = ex[e] / den[i]
+        alpha[e] = ex[e] / np.maximum(den[i], 1)                    # all -inf: 0 / 1, not 0 / 0
         o[i] += alpha[e][:, None] * v[j]
     return o, (q, k, v, alpha, g)
 
 
 def naive_backward(do, cache):
+    """The forward's loops in reverse, each under the forward line it differentiates."""
     q, k, v, alpha, g = cache
     (N, H, dh), (src, dst) = q.shape, g.edge_index
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)   # (N, H, dh) each
@@ -249,8 +258,9 @@ def naive_alpha(cache):
 # Numba kernels over the target CSR. prange runs over chunks of targets, which are independent;
 # the key and value gradients land on sources, so a second pass over the transposed CSR produces
 # them instead of racing. Each node is summed by one thread in a fixed order: results are
-# bit-identical for any thread count. Sums run in the input dtype, and may be reassociated so
-# that LLVM vectorises the dh loops; no other fast-math flag is set, so inf and NaN keep their meaning.
+# bit-identical for any thread count. Sums run in the input dtype and may be reassociated and fused
+# (multiply-add), so that LLVM vectorises the dh loops; no other fast-math flag is set, so inf and
+# NaN keep their meaning.
 _REASSOC = {"reassoc", "contract"}
 
 @nb.njit(parallel=True, cache=True, fastmath=_REASSOC)
@@ -265,8 +275,8 @@ def _sparse_forward_kernel(q, k, v, bias, indptr, src, chunks):
             m[:] = -np.inf
             den[:] = 0
             acc[:] = 0
-            for e in range(indptr[i], indptr[i + 1]):               # s = <q_i, k_j> / sqrt(dh) + bias
-                j = src[e]
+            for e in range(indptr[i], indptr[i + 1]):               # alpha holds s, then exp(s - max), then alpha
+                j = src[e]                                          # s = <q_i, k_j> / sqrt(dh) + bias
                 for h in range(H):
                     s = q.dtype.type(0)
                     for d in range(dh):
@@ -274,6 +284,9 @@ def _sparse_forward_kernel(q, k, v, bias, indptr, src, chunks):
                     s = s * scale + (0 if bias is None else bias[e, h])
                     alpha[e, h] = s
                     m[h] = max(m[h], s)
+            for h in range(H):
+                if m[h] == -np.inf:                                 # every score -inf (a masking bias): weights 0
+                    m[h] = 0
             for e in range(indptr[i], indptr[i + 1]):               # exp(s - max), max subtracted for stability
                 j = src[e]
                 for h in range(H):
@@ -283,10 +296,11 @@ def _sparse_forward_kernel(q, k, v, bias, indptr, src, chunks):
                     for d in range(dh):
                         acc[h, d] += p * v[j, h, d]
             for h in range(H):                                      # normalise once; no in-edges: o_i = 0 / 1
+                den[h] = max(den[h], 1)                             # den >= 1 unless every score is -inf
                 for e in range(indptr[i], indptr[i + 1]):
                     alpha[e, h] /= den[h]
                 for d in range(dh):
-                    o[i, h, d] = acc[h, d] / max(den[h], 1)         # den >= 1 whenever i has an in-edge
+                    o[i, h, d] = acc[h, d] / den[h]
     return o, alpha
 
 
@@ -342,46 +356,55 @@ def sparse_backward(do, cache):
     q, k, v, o, alpha, g, has_bias = cache
     ds, dq = _sparse_backward_targets(do, q, k, v, o, alpha, g.indptr, g.src, g.chunks)
     dk, dv = _sparse_backward_sources(do, q, alpha, ds, g.t_indptr, g.t_pos, g.t_dst, g.t_chunks)
-    if not has_bias:
-        return dq, dk, dv, None
-    ds_input = np.empty_like(ds)
-    ds_input[g.perm] = ds                                           # CSR order -> input order
-    return dq, dk, dv, ds_input
+    return dq, dk, dv, (_input_order(ds, g) if has_bias else None)
 
 
 def sparse_alpha(cache):
-    alpha, g = cache[4], cache[5]
-    out = np.empty_like(alpha)
-    out[g.perm] = alpha
+    return _input_order(cache[4], cache[5])
+
+
+def _input_order(a, g):
+    """(E, H) from CSR order back to the graph's input edge order."""
+    out = np.empty_like(a)
+    out[g.perm] = a
     return out
 
 
 # ---------------------------------------------------------------- dense
 # Per head: S = Q K^T / sqrt(dh) as one matmul, non-edges set to -inf by selection (never by
 # multiplying with 0, so a NaN at node j cannot reach a row that does not attend to j), softmax,
-# then P V. Heads run one at a time, so the working set is one N x N matrix. The probabilities
-# are kept unnormalised, ex = exp(S - max) with row sums den: the normalisation is applied to
-# the (N, dh) side instead of dividing an N x N matrix.
+# then P V. Heads run one at a time, so besides ex (H, N, N), kept for the backward, the work
+# needs one N x N scratch matrix. The probabilities are kept unnormalised, ex = exp(S - max)
+# with row sums den: the normalisation is applied to the (N, dh) side instead of dividing an
+# N x N matrix.
 
-def dense_bytes(g, n_heads, dtype):
-    """Bytes of N x N work the dense backend needs for forward plus backward: ex (H, N, N), kept
-    for the backward, one (N, N) scratch matrix, and the (N, N) float32 mask unless g is complete."""
-    n2 = g.num_nodes ** 2
-    return (n_heads + 1) * n2 * np.dtype(dtype).itemsize + (0 if g.is_complete else 4 * n2)
+def dense_bytes(g, n_heads, dtype, edge_bias=False):
+    """Bytes the dense backend needs beyond its (N, H, dh) arrays, for forward plus backward: ex
+    (H, N, N), kept for the backward, one (N, N) scratch matrix, the (N, N) float32 mask unless g is
+    complete, and with an edge bias its (E, H) gradient and the (E,) gathers of each head."""
+    n2, E, item = g.num_nodes ** 2, g.num_edges, np.dtype(dtype).itemsize
+    return ((n_heads + 1) * n2 * item + (0 if g.is_complete else 4 * n2)
+            + (E * (n_heads + 2) * item + 2 * E * 8 if edge_bias else 0))
 
 
 def available_bytes():
-    """Memory the OS can hand out now (MemAvailable on Linux)."""
+    """Memory the OS can hand out now: MemAvailable on Linux, else free (or, on macOS, total) physical
+    memory; where none of these can be read (Windows), infinity, which turns the dense guard off."""
     try:
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+            try:
+                return os.sysconf("SC_PAGE_SIZE") * os.sysconf(pages)
+            except (AttributeError, ValueError, OSError):
+                pass
+        return math.inf
 
 
 def dense_forward(q, k, v, bias, g):
     N, H, dh = q.shape
-    need, have = dense_bytes(g, H, q.dtype), available_bytes()
+    need, have = dense_bytes(g, H, q.dtype, bias is not None), available_bytes()
     if need > have:
         raise MemoryError(f"dense backend needs about {need / 2**30:.1f} GiB for its N x N work (N={N}, H={H}), "
                           f"but {have / 2**30:.1f} GiB is available; use backend='sparse'")
@@ -399,12 +422,12 @@ def dense_forward(q, k, v, bias, g):
         if mask is not None:
             np.fmin(s, mask, out=s)                                 # non-edges -> -inf, by selection
         m = s.max(1, initial=-np.inf)                               # (N,) row max, subtracted for stability
-        m[m == -np.inf] = 0                                         # a row with no edges stays -inf, exp gives 0
+        m[m == -np.inf] = 0                                         # no edges (or all scores -inf): exp gives 0
         s -= m[:, None]
         np.exp(s, out=s)
         den[:, h] = s.sum(1)
         o[:, h] = _masked_matmul(s, v[:, h], mask)
-    o /= np.maximum(den, 1)[..., None]                              # den >= 1 on rows with edges; empty rows: 0 / 1
+    o /= np.maximum(den, 1)[..., None]                              # den >= 1 unless a row is empty or all -inf
     return o, (qs, k, v, o, ex, den, g, bias is not None)
 
 
@@ -444,7 +467,7 @@ def dense_backward(do, cache):
 def dense_alpha(cache):
     ex, den, g = cache[4], cache[5], cache[6]
     src, dst = g.edge_index
-    return ex[:, dst, src].T / den[dst]                             # (E, H)
+    return ex[:, dst, src].T / np.maximum(den, 1)[dst]              # (E, H)
 
 
 # ---------------------------------------------------------------- API
@@ -482,7 +505,7 @@ def _check_params(params, D, dtype):
         raise ValueError(f"params is missing {missing}")
     Wq = np.asarray(params["Wq"])
     if Wq.ndim != 3 or Wq.shape[0] != D:
-        raise ValueError(f"params['Wq'] must have shape (D={D}, H, dh), got {Wq.shape}")
+        raise ValueError(f"x has D={D} features but params['Wq'] has shape {Wq.shape}: Wq must be (D, H, dh)")
     _, H, dh = Wq.shape
     shapes = dict(Wq=(D, H, dh), Wk=(D, H, dh), Wv=(D, H, dh), bq=(H, dh), bk=(H, dh), bv=(H, dh),
                   Wo=(H, dh, D), bo=(D,))
@@ -493,7 +516,7 @@ def forward(x, g, params, backend="dense", edge_bias=None):
     """y (N, D) and a cache for backward. edge_bias (E, H), in g's input edge order, is added to the scores."""
     if not isinstance(g, Graph):
         raise TypeError(f"g must be a Graph, got {type(g).__name__}")
-    if backend not in _BACKENDS:
+    if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends are {', '.join(BACKENDS)}")
     x = _as_float_array("x", x)
     if x.ndim != 2 or x.shape[0] != g.num_nodes:
@@ -509,8 +532,15 @@ def forward(x, g, params, backend="dense", edge_bias=None):
     return y, Cache(backend, x, p, o, attention, edge_bias is not None)
 
 
+def _check_cache(cache):
+    if not isinstance(cache, Cache):
+        raise TypeError(f"cache must be the second value forward returned, got {type(cache).__name__}")
+
+
 def backward(dy, cache):
-    """dx (N, D) and grads, a dict with the keys of params (plus "edge_bias" if forward had one)."""
+    """dx (N, D) and grads, a dict with the keys of params (plus "edge_bias" if forward had one).
+    The cache holds x and params by reference, as cs231n's layers do: change them in place only after."""
+    _check_cache(cache)
     backend, x, p, o, attention, has_bias = cache
     dy = _as_float_array("dy", dy, x.dtype, x.shape)
     N, (H, dh, D) = len(x), p["Wo"].shape
@@ -527,4 +557,5 @@ def backward(dy, cache):
 
 def attention_weights(cache):
     """alpha (E, H) in the graph's input edge order."""
+    _check_cache(cache)
     return _BACKENDS[cache.backend][2](cache.attention)

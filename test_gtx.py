@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numba
 import numpy as np
 import pytest
 
@@ -234,8 +235,9 @@ def test_init_params():
         assert np.array_equal(p[k], gtx.init_params(D, H, rng=0)[k]), f"{k} not deterministic"
         if k.startswith("b"):
             assert not p[k].any(), f"{k} should start at zero"
-        else:  # Glorot-uniform: |w| <= sqrt(6 / (fan_in + fan_out)), and not all zero
-            assert 0 < np.abs(p[k]).max() <= np.sqrt(6 / (D + H * dh)), k
+        else:  # Glorot-uniform: |w| <= sqrt(6 / (fan_in + fan_out)); q, k, v stacked as torch's in_proj
+            fan = D + (H * dh if k == "Wo" else 3 * H * dh)
+            assert np.sqrt(6 / fan) / 2 < np.abs(p[k]).max() <= np.sqrt(6 / fan), k
     assert not np.array_equal(p["Wq"], gtx.init_params(D, H, rng=1)["Wq"])
     assert gtx.init_params(D, H, d_head=5, rng=0, dtype=F32)["Wo"].shape == (H, 5, D)
     assert all(a.dtype == F32 for a in gtx.init_params(D, H, rng=0, dtype=F32).values())
@@ -309,7 +311,23 @@ def test_nan_does_not_reach_nodes_that_do_not_attend_to_it(backend):
     y_clean, _ = gtx.forward(x, g, p, backend=backend)
     x[3] = np.nan
     y, _ = gtx.forward(x, g, p, backend=backend)
+    assert np.isnan(y[0]).all(), f"{backend}: node 0 attends to the NaN node, so its output is NaN"
     assert_close(f"{backend} y of nodes not attending to the NaN node", y[1:], y_clean[1:], 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_all_minus_inf_bias_masks_a_target(dtype):
+    """A bias of -inf on every in-edge of a target (a mask) gives it zero weights and o = 0, like no in-edges."""
+    g = make_graph(FD_EDGES, 5)
+    x, p, dy, eb = make_inputs(g, dtype=dtype, seed=11)
+    eb[g.edge_index[1] == 0, 0] = -np.inf               # head 0 of node 0: every in-edge masked
+    eb[g.edge_index[1] == 1, 1] = -np.inf               # head 1 of node 1
+    outs = {b: run(b, g, x, p, dy, eb) for b in BACKENDS}
+    for b, out in outs.items():
+        assert all(np.isfinite(v).all() for v in out.values()), f"{b}: non-finite output"
+        assert not out["alpha"][g.edge_index[1] == 0, 0].any(), f"{b}: masked weights should be 0"
+        for k in out:
+            assert_close(f"{b} {k}", out[k], outs["naive"][k], RTOL[dtype], ATOL[dtype])
 
 
 def test_dense_memory_guard(monkeypatch):
@@ -324,6 +342,10 @@ def test_dense_memory_guard(monkeypatch):
     gtx.forward(x, g, p, backend="sparse")        # the suggested way out works
     monkeypatch.setattr(gtx, "available_bytes", lambda: need)
     gtx.forward(x, g, p, backend="dense")         # exactly enough memory: runs
+    eb = np.zeros((g.num_edges, 2))
+    assert gtx.dense_bytes(g, 2, F64, edge_bias=True) > need, "an edge bias costs more memory"
+    with pytest.raises(MemoryError, match="sparse"):
+        gtx.forward(x, g, p, backend="dense", edge_bias=eb)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -338,11 +360,18 @@ def test_backward_twice_gives_the_same_result(backend):
 
 
 def test_sparse_is_deterministic():
+    threads = numba.get_num_threads()
     for g in (gtx.random_graph(300, avg_degree=8, rng=9), make_graph(star(300), 300)):
         x, p, dy, eb = make_inputs(g, D=16, H=4, dh=8, dtype=F32, seed=9)
         a, b = run("sparse", g, x, p, dy, eb), run("sparse", g, x, p, dy, eb)
+        numba.set_num_threads(1)
+        try:
+            c = run("sparse", g, x, p, dy, eb)
+        finally:
+            numba.set_num_threads(threads)
         for k in a:
             assert np.array_equal(a[k], b[k]), f"sparse {k} not bit-identical across calls"
+            assert np.array_equal(a[k], c[k]), f"sparse {k} differs between {threads} threads and 1"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -423,6 +452,17 @@ def test_bad_forward_input(backend, case):
     with pytest.raises(BAD, match=message):
         gtx.forward(args["x"], args["g"], args["params"], backend=backend, edge_bias=args["edge_bias"])
     assert all(np.array_equal(a, b) for a, b in zip(before, (x, eb, *p.values()))), "inputs mutated"
+
+
+def test_backward_and_attention_weights_want_a_cache():
+    g = make_graph(FD_EDGES, 5)
+    x, p, dy, _ = make_inputs(g)
+    out = gtx.forward(x, g, p)
+    for bad in (out, out[0]):                     # the (y, cache) pair, or y itself
+        with pytest.raises(TypeError, match="cache"):
+            gtx.backward(dy, bad)
+        with pytest.raises(TypeError, match="cache"):
+            gtx.attention_weights(bad)
 
 
 def test_unknown_backend_lists_the_valid_ones():
