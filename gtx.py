@@ -528,7 +528,8 @@ def forward(x, g, params, backend="dense", edge_bias=None):
     with _blas_threads(backend):
         q, k, v = _project(x, p)                                    # (N, H, dh) each
         o, attention = _BACKENDS[backend][0](q, k, v, edge_bias, g)  # (N, H, dh)
-        y = o.reshape(N, H * dh) @ p["Wo"].reshape(H * dh, D) + p["bo"]  # (N, D)
+        y = o.reshape(N, H * dh) @ p["Wo"].reshape(H * dh, D)      # (N, D) y = o Wo + bo
+        y += p["bo"]
     return y, Cache(backend, x, p, o, attention, edge_bias is not None)
 
 
