@@ -158,6 +158,7 @@ def run_once(backend, g, x, params, dy):
 
 def time_runs(backend, g, x, params, dy, repeats):
     """Seconds per run of forward, backward and both; one clock brackets both calls of a run."""
+    time.sleep(0.2)     # idle OpenBLAS workers spin ~0.1 s after a call; let the previous row's stop first
     fwd, bwd, ticks = [], [], cpu_ticks()
     for _ in range(repeats):
         t0 = time.perf_counter()
