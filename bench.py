@@ -45,7 +45,7 @@ def config(quick):
     def w(name, graph, D, H, dh):
         return dict(name=name, graph=graph, D=D, H=H, dh=dh)
     if quick:                                  # same code paths, tiny shapes
-        cfg = dict(repeats=3, row_budget=2.0, check_budget=2.0, naive_max_edges=3000,
+        cfg = dict(repeats=3, row_budget=2.0, check_budget=2.0, naive_max_edges=3000, settle_s=0.0,
                    dense_cap=32 * MiB,         # small enough that the sparse row exercises the skip path
                    memory_groups=("workloads",), threads_on=("sparse", "powerlaw"),
                    density_n=256, densities=(0.01, 0.05, 0.3, 1.0), density_dims=(32, 2, 16),
@@ -56,7 +56,7 @@ def config(quick):
                  w("powerlaw", dict(kind="ba", n=1000, m=4), 16, 2, 8),
                  w("sparse", dict(kind="random", n=4000, avg_degree=8), 16, 2, 8)]
     else:
-        cfg = dict(repeats=5, row_budget=12.0, check_budget=10.0, naive_max_edges=20_000,
+        cfg = dict(repeats=5, row_budget=12.0, check_budget=10.0, naive_max_edges=20_000, settle_s=0.2,
                    # never let dense touch more than this: the machine must stay usable
                    dense_cap=min(4 * GiB, gtx.available_bytes() // 2),
                    memory_groups=("workloads", "size sweep", "density sweep"), threads_on=("sparse", "powerlaw"),
@@ -156,9 +156,9 @@ def run_once(backend, g, x, params, dy):
     return dict(y=y, dx=dx, **grads)
 
 
-def time_runs(backend, g, x, params, dy, repeats):
+def time_runs(backend, g, x, params, dy, repeats, settle_s):
     """Seconds per run of forward, backward and both; one clock brackets both calls of a run."""
-    time.sleep(0.2)     # idle OpenBLAS workers spin ~0.1 s after a call; let the previous row's stop first
+    time.sleep(settle_s)    # idle OpenBLAS workers spin ~0.1 s after a call; let the previous row's stop first
     fwd, bwd, ticks = [], [], cpu_ticks()
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -267,6 +267,8 @@ def measure_case(case, cases, cfg, dtype, threads):
             row.update(status="skipped", note=why + (f"; estimate: {source}" if est else ""), estimate_s=est)
             progress(f"{name}: {b} skipped ({why})")
             continue
+        if b == "dense" and not g.is_complete:
+            g.dense_mask                                # built once per graph and cached, like the CSRs: untimed
         t0, ticks = time.perf_counter(), cpu_ticks()
         outputs[b] = run_once(b, g, x, params, dy)      # also the warm-up before timing
         first[b] = time.perf_counter() - t0
@@ -293,15 +295,16 @@ def measure_case(case, cases, cfg, dtype, threads):
                        note=f"{cfg['repeats']} runs would exceed the {cfg['row_budget']:.0f} s row budget")
             progress(f"{name}: {b} not timed further ({row['note']})")
             continue
-        row.update(status="timed", times=time_runs(b, g, x, params, dy, cfg["repeats"]))
+        row.update(status="timed", times=time_runs(b, g, x, params, dy, cfg["repeats"], cfg["settle_s"]))
         progress(f"{name}: {b} timed, total median {np.median(row['times']['total']) * 1e3:.1f} ms")
     if "workloads" in case["labels"] and case["name"] in cfg["threads_on"] and "sparse" in first and threads > 1:
         with threadpool_limits(1):                      # the whole layer on one core, BLAS included
             numba.set_num_threads(1)
             try:
-                time_runs("sparse", g, x, params, dy, 1)      # warm-up at the new thread count
+                time_runs("sparse", g, x, params, dy, 1, 0)   # warm-up at the new thread count
                 case["rows"]["sparse 1 thread"] = dict(backend="sparse 1 thread", status="timed",
-                                                       times=time_runs("sparse", g, x, params, dy, cfg["repeats"]),
+                                                       times=time_runs("sparse", g, x, params, dy, cfg["repeats"],
+                                                                       cfg["settle_s"]),
                                                        note="BLAS and Numba on 1 thread")
             finally:
                 numba.set_num_threads(threads)
@@ -506,7 +509,8 @@ def verdicts(cases, cross, speedups, cfg):
     c = by["transformer"]
     (td, sd), (ts, ss), (_, sn) = t(c, "dense"), t(c, "sparse"), t(c, "naive")
     out.append(f"transformer (N={c['N']}, complete): dense {sd}; sparse {ss}"
-               + (f" ({ts / td:.1f}x slower)" if td and ts else "") + f"; naive {sn}")
+               + ((f" ({ts / td:.1f}x slower)" if ts >= td else f" ({td / ts:.1f}x faster)") if td and ts else "")
+               + f"; naive {sn}")
     row = c["rows"]["dense"]
     if row.get("floor"):
         out.append(f"dense matmul floor on transformer: {fmt_human_t(row['floor']['total']['median'])} "
@@ -521,8 +525,8 @@ def verdicts(cases, cross, speedups, cfg):
         (ts, ss), (td, sd) = t(c, "sparse"), t(c, "dense")
         what = "sparse graph" if name == "sparse" else f"powerlaw graph (BA m={c['graph']['m']})"
         est = " (estimated)" if c["rows"]["dense"]["status"] == "skipped" else ""
-        faster = (f"; sparse {td / ts:.0f}x faster than dense{est}" if td >= ts else
-                  f"; dense {ts / td:.1f}x faster than sparse{est}") if ts and td else ""
+        faster = (f"; sparse {td / ts:.2g}x faster than dense{est}" if td >= ts else
+                  f"; dense {ts / td:.2g}x faster than sparse{est}") if ts and td else ""
         out.append(f"{what} (N={c['N']}, density {fmt_pct(c['density'])}): sparse {ss}; dense {sd}{faster}"
                    + (f" [{c['rows']['dense']['note']}]" if est else ""))
     if speedups:
