@@ -413,6 +413,10 @@ def fmt_mib(b):
     return f"{b / MiB:.1f}" if b < 10 * MiB else f"{b / MiB:.0f}"
 
 
+def fmt_ratio(r):
+    return f"{r:.0f}x" if r >= 10 else f"{r:.1f}x"
+
+
 def fmt_bytes(b):
     return f"{b / GiB:.1f} GiB" if b >= GiB else f"{fmt_mib(b)} MiB"
 
@@ -509,7 +513,8 @@ def verdicts(cases, cross, speedups, cfg):
     c = by["transformer"]
     (td, sd), (ts, ss), (_, sn) = t(c, "dense"), t(c, "sparse"), t(c, "naive")
     out.append(f"transformer (N={c['N']}, complete): dense {sd}; sparse {ss}"
-               + ((f" ({ts / td:.1f}x slower)" if ts >= td else f" ({td / ts:.1f}x faster)") if td and ts else "")
+               + ((f" ({fmt_ratio(ts / td)} slower)" if ts >= td else f" ({fmt_ratio(td / ts)} faster)")
+                  if td and ts else "")
                + f"; naive {sn}")
     row = c["rows"]["dense"]
     if row.get("floor"):
@@ -525,8 +530,8 @@ def verdicts(cases, cross, speedups, cfg):
         (ts, ss), (td, sd) = t(c, "sparse"), t(c, "dense")
         what = "sparse graph" if name == "sparse" else f"powerlaw graph (BA m={c['graph']['m']})"
         est = " (estimated)" if c["rows"]["dense"]["status"] == "skipped" else ""
-        faster = (f"; sparse {td / ts:.2g}x faster than dense{est}" if td >= ts else
-                  f"; dense {ts / td:.2g}x faster than sparse{est}") if ts and td else ""
+        faster = (f"; sparse {fmt_ratio(td / ts)} faster than dense{est}" if td >= ts else
+                  f"; dense {fmt_ratio(ts / td)} faster than sparse{est}") if ts and td else ""
         out.append(f"{what} (N={c['N']}, density {fmt_pct(c['density'])}): sparse {ss}; dense {sd}{faster}"
                    + (f" [{c['rows']['dense']['note']}]" if est else ""))
     if speedups:
