@@ -431,7 +431,8 @@ def dense_forward(q, k, v, bias, g):
         np.exp(s, out=s)
         den[:, h] = s.sum(1)
         o[:, h] = _masked_matmul(s, v[:, h], mask)
-    o /= np.maximum(den, 1)[..., None]                              # den >= 1 unless a row is empty or all -inf
+    np.maximum(den, 1, out=den)                                     # >= 1 unless a row is empty or all -inf: 0 / 1
+    o /= den[..., None]
     return o, (qs, k, v, o, ex, den, g, bias is not None)
 
 
@@ -453,7 +454,7 @@ def dense_backward(do, cache):
     ks = k / math.sqrt(dh)                                          # (N, H, dh)
     dq, dk, dv = np.empty_like(qs), np.empty_like(k), np.empty_like(v)
     ds_edges = np.empty((g.num_edges, H), qs.dtype) if has_bias else None   # (E, H)
-    do_n = do / np.maximum(den, 1)[..., None]                       # (N, H, dh) dO / den: P = ex / den never formed
+    do_n = do / den[..., None]                                      # (N, H, dh) dO / den: P = ex / den never formed
     dot = (do_n * o).sum(-1)                                        # (N, H) sum_j P_ij dP_ij / den_i = <dO_i, o_i> / den_i
     ds = np.empty((N, N), qs.dtype)                                 # (N, N) scratch, reused by every head
     for h in range(H):
@@ -471,7 +472,7 @@ def dense_backward(do, cache):
 def dense_alpha(cache):
     ex, den, g = cache[4], cache[5], cache[6]
     src, dst = g.edge_index
-    return ex[:, dst, src].T / np.maximum(den, 1)[dst]              # (E, H)
+    return ex[:, dst, src].T / den[dst]                             # (E, H)
 
 
 # ---------------------------------------------------------------- API
