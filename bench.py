@@ -113,6 +113,12 @@ def build_graph(spec):
     return gtx.random_graph(spec["n"], avg_degree=spec.get("avg_degree"), density=spec.get("density"), rng=SEED)
 
 
+def tiny_case(dtype):
+    """A 64-node graph and its inputs: first calls, before anything is timed or measured."""
+    g = gtx.random_graph(64, avg_degree=4, rng=SEED)
+    return (g, *make_inputs(g, 16, 2, 8, dtype))
+
+
 def make_inputs(g, D, H, dh, dtype):
     rng = np.random.default_rng(SEED)
     params = gtx.init_params(D, H, dh, rng=rng, dtype=dtype)
@@ -337,8 +343,7 @@ def measure_compile(dtype, threads):
 def child(task):
     """The fresh process behind run_child: compile time, or the peak memory of one forward+backward."""
     dtype = np.dtype(task["dtype"]).type
-    tiny = gtx.random_graph(64, avg_degree=4, rng=SEED)
-    tiny_in = make_inputs(tiny, 16, 2, 8, dtype)
+    tiny, *tiny_in = tiny_case(dtype)
     if task["task"] == "compile":
         apply_threads(task["threads"])
         t = [time.perf_counter()]
@@ -635,9 +640,9 @@ def main():
         compile_ = measure_compile(args.dtype, threads)
         progress("compile: " + ", ".join(f"{k} {v.get('compile_s', float('nan')):.2f} s" for k, v in compile_.items()))
     t0 = time.perf_counter()
+    tiny = tiny_case(dtype)
     for b in gtx.BACKENDS:                      # first calls (Numba compile or cache load) happen here, untimed
-        tiny = gtx.random_graph(64, avg_degree=4, rng=SEED)
-        run_once(b, tiny, *make_inputs(tiny, 16, 2, 8, dtype))
+        run_once(b, *tiny)
     first_calls = time.perf_counter() - t0
     apply_threads(threads)                      # now: the first calls load more BLAS (SciPy's, for Numba)
     progress(f"first calls of the three backends in this process: {first_calls:.2f} s")
