@@ -20,7 +20,8 @@ import contextlib
 import math
 import os
 from collections import namedtuple
-from functools import cached_property
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache, cached_property
 
 import numba as nb
 import numpy as np
@@ -195,23 +196,23 @@ def _w_qkv(p):
     return np.stack([p["Wq"], p["Wk"], p["Wv"]], 1).reshape(D, 3 * H * dh)   # (D, 3*H*dh)
 
 
-def _project(x, p):
+def _project(x, p, matmul=np.matmul):
     """q, k, v = x Wq + bq, x Wk + bk, x Wv + bv as one matmul, into qkv (N, 3, H, dh): one array,
     so that a node's k and v sit side by side for the sparse kernels' gathers."""
     D, H, dh = p["Wq"].shape
-    qkv = x @ _w_qkv(p)                                             # (N, 3*H*dh)
+    qkv = matmul(x, _w_qkv(p))                                      # (N, 3*H*dh)
     qkv += np.stack([p["bq"], p["bk"], p["bv"]]).reshape(-1)        # in place: no second (N, 3*H*dh) array
     return qkv.reshape(-1, 3, H, dh)
 
 
-def _project_backward(dqkv, x, p, grads):
+def _project_backward(dqkv, x, p, grads, matmul=np.matmul):
     """Differentiates _project; writes dW*, db* into grads and returns dx (N, D)."""
     N, _, H, dh = dqkv.shape
     d = dqkv.reshape(N, 3 * H * dh)                                 # (N, 3*H*dh)
-    dW, db = (x.T @ d).reshape(-1, 3, H, dh), d.sum(0).reshape(3, H, dh)
+    dW, db = (x.T @ d).reshape(-1, 3, H, dh), d.sum(0).reshape(3, H, dh)   # sums over N: not split
     for n, c in enumerate("qkv"):
         grads["W" + c], grads["b" + c] = np.ascontiguousarray(dW[:, n]), db[n]
-    return d @ _w_qkv(p).T                                          # (N, D)
+    return matmul(d, _w_qkv(p).T)                                   # (N, D)
 
 
 # ---------------------------------------------------------------- naive
@@ -533,11 +534,33 @@ Cache = namedtuple("Cache", "backend x params o attention has_bias")
 _THREADPOOLS = ThreadpoolController()
 
 
-def _blas_threads(backend):
-    """One BLAS thread around the sparse backend. Idle OpenBLAS workers spin for a while after each call
-    and take the core that Numba's threads need: measured here, the sparse forward kernel ran in 32 ms
-    right after a 2-thread matmul and in 15 ms without one. Its projections are small anyway."""
-    return _THREADPOOLS.limit(limits=1, user_api="blas") if backend == "sparse" else contextlib.nullcontext()
+@contextlib.contextmanager
+def _matmul_around(backend):
+    """The matmul for the projections around a backend. Around sparse, BLAS keeps to one thread and
+    Python threads, as many as Numba's, split the products over rows instead: idle OpenBLAS workers
+    spin for about 0.1 s after each call and take the cores that the kernels need next (measured here:
+    the sparse forward kernel ran in 32 ms right after a 2-thread matmul and in 15 ms without one),
+    while idle Python threads sleep."""
+    if backend != "sparse":
+        yield np.matmul
+        return
+    with _THREADPOOLS.limit(limits=1, user_api="blas"):
+        yield _split_matmul if nb.get_num_threads() > 1 else np.matmul
+
+
+@cache
+def _python_threads(n):
+    return ThreadPoolExecutor(n)
+
+
+def _split_matmul(a, b):
+    """a @ b with a's rows cut into one slice per thread. Each output row is summed as on one thread,
+    so results do not depend on the thread count."""
+    M, n = len(a), nb.get_num_threads()
+    out = np.empty((M, b.shape[1]), np.result_type(a, b))
+    rows = [slice(t * M // n, (t + 1) * M // n) for t in range(n)]
+    list(_python_threads(n).map(lambda r: np.matmul(a[r], b, out=out[r]), rows))
+    return out
 
 
 def _as_float_array(name, a, dtype=None, shape=None):
@@ -579,10 +602,10 @@ def forward(x, g, params, backend="dense", edge_bias=None):
     if edge_bias is not None:
         edge_bias = _as_float_array("edge_bias", edge_bias, x.dtype, (g.num_edges, p["Wq"].shape[1]))
     N, (H, dh, D) = len(x), p["Wo"].shape
-    with _blas_threads(backend):
-        qkv = _project(x, p)                                        # (N, 3, H, dh)
+    with _matmul_around(backend) as matmul:
+        qkv = _project(x, p, matmul)                                # (N, 3, H, dh)
         o, attention = _BACKENDS[backend][0](qkv, edge_bias, g)     # (N, H, dh)
-        y = o.reshape(N, H * dh) @ p["Wo"].reshape(H * dh, D)      # (N, D) y = o Wo + bo
+        y = matmul(o.reshape(N, H * dh), p["Wo"].reshape(H * dh, D))   # (N, D) y = o Wo + bo
         y += p["bo"]
     return y, Cache(backend, x, p, o, attention, edge_bias is not None)
 
@@ -599,14 +622,14 @@ def backward(dy, cache):
     backend, x, p, o, attention, has_bias = cache
     dy = _as_float_array("dy", dy, x.dtype, x.shape)
     N, (H, dh, D) = len(x), p["Wo"].shape
-    with _blas_threads(backend):
+    with _matmul_around(backend) as matmul:
         grads = {"Wo": (o.reshape(N, H * dh).T @ dy).reshape(H, dh, D),  # y = o Wo + bo
                  "bo": dy.sum(0)}
-        do = (dy @ p["Wo"].reshape(H * dh, D).T).reshape(N, H, dh)  # (N, H, dh)
+        do = matmul(dy, p["Wo"].reshape(H * dh, D).T).reshape(N, H, dh)       # (N, H, dh)
         dqkv, ds = _BACKENDS[backend][1](do, attention)             # (N, 3, H, dh)
         if has_bias:
             grads["edge_bias"] = ds                                 # s = ... + edge_bias
-        dx = _project_backward(dqkv, x, p, grads)
+        dx = _project_backward(dqkv, x, p, grads, matmul)
     return dx, grads
 
 
