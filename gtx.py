@@ -23,6 +23,11 @@ from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, cached_property
 
+# Numba's OpenMP threads keep spinning after each kernel, on the cores where the Python threads of
+# _split_matmul run next; passive waiting puts them to sleep at once. libgomp reads this when Numba
+# first loads it, at the first kernel call; a value set before then (yours included) wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 import numba as nb
 import numpy as np
 from llvmlite import ir
@@ -209,7 +214,7 @@ def _project_backward(dqkv, x, p, grads, matmul=np.matmul):
     """Differentiates _project; writes dW*, db* into grads and returns dx (N, D)."""
     N, _, H, dh = dqkv.shape
     d = dqkv.reshape(N, 3 * H * dh)                                 # (N, 3*H*dh)
-    dW, db = (x.T @ d).reshape(-1, 3, H, dh), d.sum(0).reshape(3, H, dh)   # sums over N: not split
+    dW, db = matmul(x.T, d).reshape(-1, 3, H, dh), d.sum(0).reshape(3, H, dh)
     for n, c in enumerate("qkv"):
         grads["W" + c], grads["b" + c] = np.ascontiguousarray(dW[:, n]), db[n]
     return matmul(d, _w_qkv(p).T)                                   # (N, D)
@@ -537,15 +542,15 @@ _THREADPOOLS = ThreadpoolController()
 @contextlib.contextmanager
 def _matmul_around(backend):
     """The matmul for the projections around a backend. Around sparse, BLAS keeps to one thread and
-    Python threads, as many as Numba's, split the products over rows instead: idle OpenBLAS workers
-    spin for about 0.1 s after each call and take the cores that the kernels need next (measured here:
-    the sparse forward kernel ran in 32 ms right after a 2-thread matmul and in 15 ms without one),
-    while idle Python threads sleep."""
+    Python threads, as many as Numba's, split the products instead: idle OpenBLAS workers spin for
+    about 0.1 s after each call and take the cores that the kernels need next (measured here: the
+    sparse forward took 24 ms right after a 2-thread matmul and 12.7 ms without one), while idle
+    Python threads sleep."""
     if backend != "sparse":
         yield np.matmul
         return
     with _THREADPOOLS.limit(limits=1, user_api="blas"):
-        yield _split_matmul if nb.get_num_threads() > 1 else np.matmul
+        yield _split_matmul
 
 
 @cache
@@ -554,12 +559,16 @@ def _python_threads(n):
 
 
 def _split_matmul(a, b):
-    """a @ b with a's rows cut into one slice per thread. Each output row is summed as on one thread,
-    so results do not depend on the thread count."""
-    M, n = len(a), nb.get_num_threads()
+    """a @ b on Numba's thread count n of Python threads, with results that do not depend on n. A tall
+    a is cut into n slices of rows, each output row summed as on one thread. A wide a (a.T @ dy for a
+    weight gradient, summed over N) is cut along the sum into two halves, whose products are added."""
+    (M, K), n = a.shape, nb.get_num_threads()
+    run = _python_threads(n).map if n > 1 else map
+    if M < K:
+        return np.add(*run(lambda k: a[:, k] @ b[k], [slice(0, K // 2), slice(K // 2, K)]))
     out = np.empty((M, b.shape[1]), np.result_type(a, b))
     rows = [slice(t * M // n, (t + 1) * M // n) for t in range(n)]
-    list(_python_threads(n).map(lambda r: np.matmul(a[r], b, out=out[r]), rows))
+    list(run(lambda r: np.matmul(a[r], b, out=out[r]), rows))
     return out
 
 
@@ -623,7 +632,7 @@ def backward(dy, cache):
     dy = _as_float_array("dy", dy, x.dtype, x.shape)
     N, (H, dh, D) = len(x), p["Wo"].shape
     with _matmul_around(backend) as matmul:
-        grads = {"Wo": (o.reshape(N, H * dh).T @ dy).reshape(H, dh, D),  # y = o Wo + bo
+        grads = {"Wo": matmul(o.reshape(N, H * dh).T, dy).reshape(H, dh, D),   # y = o Wo + bo
                  "bo": dy.sum(0)}
         do = matmul(dy, p["Wo"].reshape(H * dh, D).T).reshape(N, H, dh)       # (N, H, dh)
         dqkv, ds = _BACKENDS[backend][1](do, attention)             # (N, 3, H, dh)
