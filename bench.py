@@ -568,7 +568,8 @@ def describe_machine(threads_now):
                 blas=[dict(library=i["internal_api"], version=i.get("version"), threads=i["num_threads"],
                            threading_layer=i.get("threading_layer"), path=i["filepath"])
                       for i in threadpool_info() if i["user_api"] == "blas"],
-                numba_threads=numba.get_num_threads(), numba_threading_layer=layer, threads=threads_now)
+                numba_threads=numba.get_num_threads(), numba_threading_layer=layer, threads=threads_now,
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
 
 
 def plot(path, cases, cross, cfg, itemsize):
@@ -663,7 +664,8 @@ def main():
                      f"{b['threads']} threads" for b in machine["blas"])
     print(f"gtx bench{' --quick' if args.quick else ''}: {machine['cpu']}, {machine['cores']} cores; "
           f"python {machine['python']}, numpy {machine['numpy']}, numba {machine['numba']}")
-    print(f"threads: BLAS ({blas}); Numba {machine['numba_threads']} ({machine['numba_threading_layer']} layer). "
+    print(f"threads: BLAS ({blas}); Numba {machine['numba_threads']} ({machine['numba_threading_layer']} layer, "
+          f"OMP_WAIT_POLICY={machine['omp_wait_policy']}); around sparse, BLAS on 1 thread per Python thread. "
           f"dtype {args.dtype}. Times: median [min-max] of {cfg['repeats']} runs after a validated warm-up run.")
     print(f"other programs took {busy:.0%} of the CPUs just before this run and {others:.0%} during it"
           + ("; WARNING: timings may be disturbed, rerun on a quiet machine" if max(busy, others) > 0.05 else ""))

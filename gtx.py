@@ -32,6 +32,7 @@ import numba as nb
 import numpy as np
 from llvmlite import ir
 from numba.core import cgutils
+from numba.extending import intrinsic
 from threadpoolctl import ThreadpoolController
 
 BACKENDS = ("naive", "sparse", "dense")
@@ -196,7 +197,8 @@ def init_params(d_model, n_heads, d_head=None, rng=None, dtype=np.float64):
 
 
 def _w_qkv(p):
-    """[Wq Wk Wv] as one (D, 3*H*dh) matrix."""
+    """[Wq Wk Wv] as one (D, 3*H*dh) matrix: a copy per call, D*3*H*dh floats, against N*D*3*H*dh
+    multiply-adds in the matmul it feeds."""
     D, H, dh = p["Wq"].shape
     return np.stack([p["Wq"], p["Wk"], p["Wv"]], 1).reshape(D, 3 * H * dh)   # (D, 3*H*dh)
 
@@ -214,9 +216,10 @@ def _project_backward(dqkv, x, p, grads, matmul=np.matmul):
     """Differentiates _project; writes dW*, db* into grads and returns dx (N, D)."""
     N, _, H, dh = dqkv.shape
     d = dqkv.reshape(N, 3 * H * dh)                                 # (N, 3*H*dh)
-    dW, db = matmul(x.T, d).reshape(-1, 3, H, dh), d.sum(0).reshape(3, H, dh)
+    dW = matmul(x.T, d).reshape(-1, 3, H, dh)                       # (D, 3, H, dh)
+    db = d.sum(0).reshape(3, H, dh)                                 # (3, H, dh)
     for n, c in enumerate("qkv"):
-        grads["W" + c], grads["b" + c] = np.ascontiguousarray(dW[:, n]), db[n]
+        grads["W" + c], grads["b" + c] = dW[:, n].copy(), db[n].copy()
     return matmul(d, _w_qkv(p).T)                                   # (N, D)
 
 
@@ -288,7 +291,7 @@ _REASSOC = {"reassoc", "contract"}
 _AHEAD, _LINE = 8, 64                                               # edges ahead; bytes in a cache line
 
 
-@nb.extending.intrinsic
+@intrinsic
 def _prefetch(typingctx, a, i, offset):
     """Starts loading the cache line at byte `offset` of row a[i] (LLVM's prefetch). A hint only:
     it changes no result."""
@@ -309,6 +312,7 @@ def _prefetch(typingctx, a, i, offset):
 def _prefetch_bytes(a, i, start, stop):
     for b in range(start, stop, _LINE):                             # bytes start:stop of row a[i]
         _prefetch(a, i, b)
+    _prefetch(a, i, stop - 1)                                       # the last line, when rows are not line-aligned
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_REASSOC)
@@ -558,17 +562,24 @@ def _python_threads(n):
     return ThreadPoolExecutor(n)
 
 
-def _split_matmul(a, b):
-    """a @ b on Numba's thread count n of Python threads, with results that do not depend on n. A tall
-    a is cut into n slices of rows, each output row summed as on one thread. A wide a (a.T @ dy for a
-    weight gradient, summed over N) is cut along the sum into two halves, whose products are added."""
+os.register_at_fork(after_in_child=_python_threads.cache_clear)     # a forked child has none of the threads
+
+
+def _split_matmul(a, b, max_blocks=4, min_block=1024):
+    """a @ b by blocks on Numba's thread count of Python threads. The longer of a's rows (M) and the
+    summed dimension (K) is cut into blocks that depend on that length only, so that the result does
+    not depend on the thread count. Blocks of rows fill their rows of the output; blocks of the sum
+    (a.T @ dy, a weight gradient summed over N) give products that are added in order."""
     (M, K), n = a.shape, nb.get_num_threads()
-    run = _python_threads(n).map if n > 1 else map
+    L = max(M, K)
+    blocks = max(1, min(max_blocks, L // min_block))
+    cuts = [slice(c * L // blocks, (c + 1) * L // blocks) for c in range(blocks)]
+    run = _python_threads(n).map if n > 1 and blocks > 1 else map
     if M < K:
-        return np.add(*run(lambda k: a[:, k] @ b[k], [slice(0, K // 2), slice(K // 2, K)]))
-    out = np.empty((M, b.shape[1]), np.result_type(a, b))
-    rows = [slice(t * M // n, (t + 1) * M // n) for t in range(n)]
-    list(run(lambda r: np.matmul(a[r], b, out=out[r]), rows))
+        return sum(run(lambda part: a[:, part] @ b[part], cuts))
+    out = np.empty((M, b.shape[1]), np.result_type(a, b))          # (M, b's columns)
+    for _ in run(lambda rows: np.matmul(a[rows], b, out=out[rows]), cuts):
+        pass                                                        # each block writes its rows of out
     return out
 
 

@@ -368,8 +368,11 @@ def test_sparse_is_deterministic():
     threads = numba.get_num_threads()
     if threads < 2:
         pytest.skip("needs 2 or more Numba threads to compare thread counts")
-    for g in (gtx.random_graph(300, avg_degree=8, rng=9), make_graph(star(300), 300)):
-        x, p, dy, eb = make_inputs(g, D=16, H=4, dh=8, dtype=F32, seed=9)
+    cases = [(gtx.random_graph(300, avg_degree=8, rng=9), 16, 4, 8, F32), (make_graph(star(300), 300), 16, 4, 8, F32),
+             (gtx.random_graph(3, avg_degree=1, rng=9), 3, 1, 3, F64),
+             (gtx.random_graph(4500, avg_degree=4, rng=9), 63, 3, 17, F64)]   # long enough to cut the matmuls
+    for g, D, H, dh, dtype in cases:
+        x, p, dy, eb = make_inputs(g, D=D, H=H, dh=dh, dtype=dtype, seed=9)
         a, b = run("sparse", g, x, p, dy, eb), run("sparse", g, x, p, dy, eb)
         numba.set_num_threads(1)
         try:
