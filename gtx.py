@@ -565,14 +565,14 @@ def _python_threads(n):
 os.register_at_fork(after_in_child=_python_threads.cache_clear)     # a forked child has none of the threads
 
 
-def _split_matmul(a, b, max_blocks=4, min_block=1024):
+def _split_matmul(a, b, max_blocks=4, min_work=2**23):
     """a @ b by blocks on Numba's thread count of Python threads. The longer of a's rows (M) and the
-    summed dimension (K) is cut into blocks that depend on that length only, so that the result does
-    not depend on the thread count. Blocks of rows fill their rows of the output; blocks of the sum
-    (a.T @ dy, a weight gradient summed over N) give products that are added in order."""
+    summed dimension (K) is cut into up to max_blocks blocks of at least min_work multiply-adds (fewer
+    would cost more in hand-offs than they save), a number fixed by the shapes alone, so the result
+    does not depend on the thread count. Blocks of rows fill their rows of the output; blocks of the
+    sum (a.T @ dy, a weight gradient summed over N) give products that are added in order."""
     (M, K), n = a.shape, nb.get_num_threads()
-    L = max(M, K)
-    blocks = max(1, min(max_blocks, L // min_block))
+    L, blocks = max(M, K), max(1, min(max_blocks, M * K * b.shape[1] // min_work))
     cuts = [slice(c * L // blocks, (c + 1) * L // blocks) for c in range(blocks)]
     run = _python_threads(n).map if n > 1 and blocks > 1 else map
     if M < K:
