@@ -562,7 +562,8 @@ def _python_threads(n):
     return ThreadPoolExecutor(n)
 
 
-os.register_at_fork(after_in_child=_python_threads.cache_clear)     # a forked child has none of the threads
+if hasattr(os, "register_at_fork"):                                # POSIX only
+    os.register_at_fork(after_in_child=_python_threads.cache_clear)  # a forked child has none of the threads
 
 
 def _split_matmul(a, b, max_blocks=4, min_work=2**23):

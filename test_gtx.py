@@ -364,6 +364,17 @@ def test_backward_twice_gives_the_same_result(backend):
     assert g1.keys() == g2.keys() and all(np.array_equal(g1[k], g2[k]) for k in g1)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_split_matmul_matches_matmul(dtype):
+    """The blocked matmul around the sparse backend, on shapes that are cut (tall, wide) and not cut."""
+    rng = np.random.default_rng(11)
+    for m, k, n in ((5000, 63, 153), (63, 5000, 64), (3, 3, 3), (0, 8, 4), (8, 0, 4)):
+        a, b = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+        got = gtx._split_matmul(a, b)
+        assert got.dtype == dtype, f"_split_matmul {(m, k, n)}: dtype {got.dtype}, want {dtype}"
+        assert_close(f"_split_matmul {(m, k, n)}", got, a.astype(F64) @ b.astype(F64), RTOL[dtype])
+
+
 def test_sparse_is_deterministic():
     threads = numba.get_num_threads()
     if threads < 2:
