@@ -67,6 +67,7 @@ def config(quick):
                  w("mid", dict(kind="random", n=2048, density=0.05), 128, 4, 32),
                  w("powerlaw", dict(kind="ba", n=10000, m=8), 64, 4, 16),
                  w("sparse", dict(kind="random", n=20000, avg_degree=16), 64, 4, 16)]
+    cfg["quick"] = quick
     # Run order: small graphs first, so every larger one has a measured row to estimate from.
     dn = cfg["density_n"]
     sweeps = ([("size sweep", w(f"complete N={n}", dict(kind="complete", n=n), *cfg["size_dims"]))
@@ -541,7 +542,8 @@ def verdicts(cases, cross, speedups, cfg):
                    + (f" [{c['rows']['dense']['note']}]" if est else ""))
     if speedups:
         out.append("sparse speed-up from 1 to %d threads: " % speedups["threads"]
-                   + ", ".join(f"{k} {v:.2f}x" for k, v in speedups["by_workload"].items()))
+                   + ", ".join(f"{k} {v:.2f}x" for k, v in speedups["by_workload"].items())
+                   + (" (--quick: shapes too small for threads to pay; run without it)" if cfg["quick"] else ""))
     for name in ("transformer", "sparse"):
         c = by[name]
         peak = {b: c["rows"][b].get("memory", {}).get("peak_bytes") for b in ("sparse", "dense")}

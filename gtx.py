@@ -23,9 +23,10 @@ from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, cached_property
 
-# Numba's OpenMP threads keep spinning after each kernel, on the cores where the Python threads of
-# _split_matmul run next; passive waiting puts them to sleep at once. libgomp reads this when Numba
-# first loads it, at the first kernel call; a value set before then (yours included) wins.
+# Numba's OpenMP threads (its default omp layer) keep spinning after each kernel, on the cores where
+# the Python threads of _split_matmul run next; passive waiting puts them to sleep at once. libgomp
+# reads this when Numba first loads it, at the first kernel call; a value set before then (yours
+# included) wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import numba as nb
@@ -378,7 +379,7 @@ def _sparse_backward_targets(do, qkv, o, alpha, dqkv, indptr, src, chunks):
                     dot += do[i, h, d] * o[i, h, d]
                     dqkv[i, 0, h, d] = 0
                 for e in range(indptr[i], indptr[i + 1]):
-                    if h == 0 and e + _AHEAD < src.size:            # k and v of a source soon needed
+                    if h == 0 and e + _AHEAD < src.size:            # once per edge (h is the outer loop)
                         _prefetch_bytes(qkv, src[e + _AHEAD], qkv[0, 0].nbytes, qkv[0].nbytes)
                     j, da = src[e], qkv.dtype.type(0)               # o_i = sum_e alpha_e v_j: dalpha_e = <do_i, v_j>
                     for d in range(dh):
@@ -567,7 +568,7 @@ if hasattr(os, "register_at_fork"):                                # POSIX only
 
 
 def _split_matmul(a, b, max_blocks=4, min_work=2**23):
-    """a @ b by blocks on Numba's thread count of Python threads. The longer of a's rows (M) and the
+    """a @ b by blocks, on as many Python threads as Numba has. The longer of a's rows (M) and the
     summed dimension (K) is cut into up to max_blocks blocks of at least min_work multiply-adds (fewer
     would cost more in hand-offs than they save), a number fixed by the shapes alone, so the result
     does not depend on the thread count. Blocks of rows fill their rows of the output; blocks of the
