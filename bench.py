@@ -194,12 +194,12 @@ def matmul_floor(N, D, H, dh, dtype, repeats):
     projections, per head Q K^T and P V, and the backward's matmuls. Nothing else is timed."""
     rng = np.random.default_rng(SEED)
     a = lambda *shape: rng.standard_normal(shape).astype(dtype)
-    x, W, Wo, dy, o = a(N, D), a(D, H * dh), a(H * dh, D), a(N, D), a(N, H * dh)   # o: any (N, H dh)
-    q, k, v, do, P = a(H, N, dh), a(H, N, dh), a(H, N, dh), a(H, N, dh), a(N, N)
-    fwd = 3 * [(x, W)] + [(q[h], k[h].T) for h in range(H)] + [(P, v[h]) for h in range(H)] + [(o, Wo)]
+    x, W, Wo, dy, o = a(N, D), a(D, 3 * H * dh), a(H * dh, D), a(N, D), a(N, H * dh)   # W: [Wq Wk Wv]
+    q, k, v, do, P, dqkv = a(H, N, dh), a(H, N, dh), a(H, N, dh), a(H, N, dh), a(N, N), a(N, 3 * H * dh)
+    fwd = [(x, W)] + [(q[h], k[h].T) for h in range(H)] + [(P, v[h]) for h in range(H)] + [(o, Wo)]
     bwd = ([(o.T, dy), (dy, Wo.T)] +                                      # dWo, do
            [m for h in range(H) for m in ((P.T, do[h]), (do[h], v[h].T), (P, k[h]), (P.T, q[h]))] +  # dv dP dq dk
-           3 * [(x.T, o), (o, W.T)])                                      # dWq, dWk, dWv and dx
+           [(x.T, dqkv), (dqkv, W.T)])                                    # [dWq dWk dWv] and dx
     fwd = [(A, B, np.empty((A.shape[0], B.shape[1]), dtype)) for A, B in fwd]
     bwd = [(A, B, np.empty((A.shape[0], B.shape[1]), dtype)) for A, B in bwd]
     flops = sum(2 * A.shape[0] * A.shape[1] * B.shape[1] for A, B, _ in fwd + bwd)
@@ -697,7 +697,7 @@ def main():
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(machine=machine, config=dict(cfg, dtype=args.dtype, quick=args.quick, seed=SEED,
+            json.dump(dict(machine=machine, config=dict(cfg, dtype=args.dtype, seed=SEED,
                                                         tolerance=TOL[args.dtype]),
                            compile=compile_, first_calls_s=first_calls, cases=cases, crossover=cross,
                            thread_speedup=speedups, verdicts=lines, mismatches=mismatches, wall_s=wall),
