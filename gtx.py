@@ -1,127 +1,201 @@
 """gtx: a Transformer is a graph neural network on a complete graph.
 
-One multi-head scaled-dot-product graph attention layer, forward and hand-written backward,
-in three backends that agree to round-off: naive (per-edge Python loops, the executable spec),
-sparse (Numba CSR kernels) and dense (masked NumPy matmuls).
+One multi-head scaled-dot-product graph attention layer, forward and hand-written backward, in
+three backends that agree to round-off: naive (per-edge Python loops, the executable spec), dense
+(matmuls over blocks of target rows, as a Transformer computes) and sparse (Numba kernels over
+the edges).
 
 Edge e carries a message from source j = edge_index[0, e] to target i = edge_index[1, e]:
-    q, k, v = x Wq + bq, x Wk + bk, x Wv + bv                       # (N, H, dh) each
-    s[e, h] = <q[i_e, h], k[j_e, h]> / sqrt(dh) (+ edge_bias[e, h])  # (E, H)
+    q, k, v = x Wq + bq, x Wk + bk, x Wv + bv                         (N, H, dh) each
+    s[e, h] = <q[i_e, h], k[j_e, h]> / sqrt(dh)  (+ edge_bias[e, h])    (E, H)
     alpha[e, h] = softmax of s[., h] over the edges that share the target i_e
-    o[i, h] = sum over edges e into i of alpha[e, h] v[j_e, h]      # (N, H, dh); 0 if i has no in-edges
-    y = o Wo + bo                                                   # (N, D)
-On complete_graph(n, self_loops=True) this is exactly softmax(Q K^T / sqrt(dh)) V per head.
+    o[i, h] = sum over edges e into i of alpha[e, h] v[j_e, h]        (N, H, dh), 0 without in-edges
+    y = o Wo + bo                                                     (N, D)
+On complete_graph(n) this is exactly softmax(Q K^T / sqrt(dh)) V per head.
 
-    g = Graph(edge_index, num_nodes); params = init_params(D, H)
-    y, cache = forward(x, g, params, backend="dense"); dx, grads = backward(dy, cache)
+    g = gtx.complete_graph(n)          # or causal_graph, batch_graphs, Graph(edge_index, n)
+    y, cache = gtx.forward(x, g, gtx.init_params(D, H))
+    dx, grads = gtx.backward(dy, cache)
 """
 # Dimension letters: N nodes, E edges, H heads, dh head size, D model width.
 import contextlib
 import math
 import os
+import threading
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, cached_property
 
-# Numba's OpenMP threads (its default omp layer) keep spinning after each kernel, on the cores where
-# the Python threads of _split_matmul run next; passive waiting puts them to sleep at once. libgomp
-# reads this when Numba first loads it, at the first kernel call; a value set before then (yours
-# included) wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-
 import numba as nb
 import numpy as np
+import psutil
 from llvmlite import ir
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 from threadpoolctl import ThreadpoolController
 
-BACKENDS = ("naive", "sparse", "dense")
 PARAM_KEYS = ("Wq", "Wk", "Wv", "bq", "bk", "bv", "Wo", "bo")
 FLOATS = (np.float32, np.float64)
+# Numba kernels may reassociate and fuse (multiply-add) their sums, so that LLVM vectorises
+# them; no other fast-math flag is set, so inf and NaN keep their meaning.
+_REASSOC = {"reassoc", "contract"}
 
 
 # ---------------------------------------------------------------- graph
 
 class Graph:
-    """A directed graph whose edge e carries a message j = edge_index[0, e] -> i = edge_index[1, e].
+    """A directed graph: edge e carries a message from j = edge_index[0, e] to i = edge_index[1, e].
 
-    Validates once and keeps what the backends need: CSR by target for the forward, CSR by source
-    (the transpose) for the key and value gradients, and, built on first use, the dense mask.
+    Graph(edge_index, num_nodes) validates an edge list and sorts it into a CSR by target: the
+    in-edges of node i sit at CSR positions indptr[i]:indptr[i+1], with sources src (E,) and input
+    edge ids perm (E,). complete_graph, causal_graph and batch_graphs build structured graphs in
+    O(N) instead: node i attends to every j in [lo[i], hi[i]) (but itself, if not self_loops),
+    ranges = (lo, hi); their edges are listed in CSR order, and edge_index, src and perm are built
+    on first use. ptr (B+1,) holds the node offsets of the graphs of a batch, as PyG's Batch.ptr.
     """
 
     def __init__(self, edge_index, num_nodes):
-        if isinstance(num_nodes, bool) or not isinstance(num_nodes, (int, np.integer)):
-            raise TypeError(f"num_nodes must be an int, got {type(num_nodes).__name__}")
-        if num_nodes < 0:
-            raise ValueError(f"num_nodes must be >= 0, got {num_nodes}")
+        N = _count("num_nodes", num_nodes)
         ei = np.asarray(edge_index)
         if ei.ndim != 2 or ei.shape[0] != 2:
             raise ValueError(f"edge_index must have shape (2, E), got {ei.shape}")
         if ei.size and (ei.dtype == bool or not np.issubdtype(ei.dtype, np.integer)):
             raise ValueError(f"edge_index must hold integers, got dtype {ei.dtype}")
-        bad = np.flatnonzero(((ei < 0) | (ei >= num_nodes)).any(0))
+        need, have = 100 * ei.shape[1], available_bytes()       # int64 copies, sort keys, CSR
+        if need > have:
+            raise MemoryError(
+                f"Graph: sorting {ei.shape[1]:,} edges needs about {need / 2**30:.1f} GiB, but "
+                f"{have / 2**30:.1f} GiB is available. complete_graph, causal_graph(n, window) and "
+                f"batch_graphs build such graphs in O(N) memory, with no edge list")
+        bad = np.flatnonzero(((ei < 0) | (ei >= N)).any(0))
         if bad.size:
             c = bad[0]
             raise ValueError(f"edge_index column {c} is ({ei[0, c]}, {ei[1, c]}): "
-                             f"node indices must be in [0, num_nodes={num_nodes})")
-        N, (src, dst) = int(num_nodes), ei.astype(np.int64)
-        key = dst * N + src                                         # (E,) one integer per (j, i) pair
-        order = np.argsort(key, kind="stable")                      # (E,) edges sorted by (target, source)
-        dup = order[1:][key[order[1:]] == key[order[:-1]]]          # repeats, as input columns
+                             f"node indices must be in [0, num_nodes={N})")
+        src, dst = ei.astype(np.int64)
+        key = dst * N + src                         # (E,) one integer per (j, i) pair
+        order = np.argsort(key, kind="stable")      # (E,) edges sorted by (target, source)
+        dup = order[1:][key[order[1:]] == key[order[:-1]]]
         if dup.size:
             c = dup.min()
-            raise ValueError(f"edge_index has a duplicate edge (j, i) = ({src[c]}, {dst[c]}) at column {c}")
-        self.num_nodes, self.num_edges = N, src.size
-        self.edge_index = np.stack([src, dst])                      # (2, E) in input order
-        self.edge_index.flags.writeable = False
-        self.is_complete = self.num_edges == N * N                  # every pair, self-loops included
-        # CSR by target: the in-edges of i sit at positions indptr[i]:indptr[i+1]
-        self.perm = order                                           # (E,) CSR position -> input edge id
-        self.src = src[order]                                       # (E,) source of each CSR edge
-        self.indptr = _indptr(dst, N)                               # (N+1,)
-        # CSR by source (the transpose): out-edges of j, as positions into the target CSR
-        self.t_pos = np.argsort(self.src, kind="stable")            # (E,)
-        self.t_dst = dst[order][self.t_pos]                         # (E,) target of each transposed edge
-        self.t_indptr = _indptr(src, N)                             # (N+1,)
-        self.chunks, self.t_chunks = _balanced_chunks(self.indptr), _balanced_chunks(self.t_indptr)
+            raise ValueError(f"edge_index has a duplicate edge (j, i) = ({src[c]}, {dst[c]}) "
+                             f"at column {c}")
+        self._setup(N, src.size, np.array([0, N]), _indptr(dst, N))
+        self.edge_index = _read_only(np.stack([src, dst]))      # (2, E) in input order
+        self.perm, self.src = order, src[order]                 # (E,) each, in CSR order
+
+    def _setup(self, N, E, ptr, indptr, ranges=None, self_loops=True):
+        self.num_nodes, self.num_edges, self.ptr, self.indptr = N, int(E), ptr, indptr
+        self.ranges, self.self_loops, self._derived = ranges, self_loops, {}
+
+    @classmethod
+    def _structured(cls, lo, hi, self_loops, ptr):
+        i = np.arange(lo.size)
+        count = hi - lo - (0 if self_loops else (lo <= i) & (i < hi))     # (N,) in-edges
+        g = cls.__new__(cls)
+        g._setup(lo.size, count.sum(), ptr, np.concatenate([[0], np.cumsum(count)]), (lo, hi),
+                 self_loops)
+        return g
+
+    @cached_property
+    def edge_index(self):
+        """(2, E); for a structured graph built on first use, 16 E bytes."""
+        lo, hi = self.ranges
+        width = hi - lo                                          # (N,)
+        dst = np.repeat(np.arange(self.num_nodes), width)       # (E,) concatenated ranges
+        src = np.arange(dst.size) - np.repeat(np.cumsum(width) - width - lo, width)
+        keep = slice(None) if self.self_loops else src != dst
+        return _read_only(np.stack([src[keep], dst[keep]]))
+
+    @cached_property
+    def src(self):
+        return self.edge_index[0]                   # a structured graph lists its edges in CSR order
+
+    @cached_property
+    def perm(self):
+        return np.arange(self.num_edges)
+
+    @property
+    def is_complete(self):
+        return self.num_edges == self.num_nodes ** 2
+
+    def derived(self, key, build):
+        """What a backend derives from the graph (its own index arrays): built once per key."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def __repr__(self):
         return f"Graph(num_nodes={self.num_nodes}, num_edges={self.num_edges})"
 
-    @cached_property
-    def dense_mask(self):
-        """(N, N) float32: +inf at [i, j] for an edge j -> i, -inf elsewhere. Built once, for the dense
-        backend: np.fmin(s, dense_mask) selects -inf at non-edges, and fmin ignores NaN, so a NaN score
-        cannot survive at a non-edge. One branch-free pass, unlike a boolean where= (up to 15x slower)."""
-        m = np.full((self.num_nodes, self.num_nodes), -np.inf, np.float32)
-        m[self.edge_index[1], self.edge_index[0]] = np.inf
-        return m
+
+def _count(name, n, low=0):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+    if n < low:
+        raise ValueError(f"{name} must be >= {low}, got {n}")
+    return int(n)
+
+
+def _read_only(a):
+    a.flags.writeable = False
+    return a
 
 
 def _indptr(node_of_edge, N):
-    """(N+1,) CSR offsets: the edges of node n sit at [indptr[n], indptr[n+1]) once sorted by node."""
+    """(N+1,) CSR offsets: the edges of node n sit at [indptr[n], indptr[n+1]) once sorted."""
     return np.concatenate([[0], np.cumsum(np.bincount(node_of_edge, minlength=N))])
 
 
-def _balanced_chunks(indptr, n_chunks=64):
-    """(<= n_chunks+1,) bounds of node ranges of about equal work (edges + nodes), so that many hubs
-    spread over the threads. A node is never split: one hub with most of the edges stays on one thread."""
-    work = indptr + np.arange(indptr.size)                          # (N+1,) strictly increasing
-    return np.unique(np.searchsorted(work, np.linspace(0, work[-1], n_chunks + 1)))
+def _to_csr(a, g):
+    """(E, ...) from input edge order to CSR order (None stays None)."""
+    return a if a is None or g.ranges is not None else a[g.perm]
+
+
+def _input_order(a, g):
+    """(E, ...) from CSR order back to the graph's input edge order."""
+    if g.ranges is not None:
+        return a
+    out = np.empty_like(a)
+    out[g.perm] = a
+    return out
 
 
 def complete_graph(n, self_loops=True):
-    """All n^2 edges j -> i (n^2 - n without self-loops): the graph a Transformer encoder attends over."""
-    dst, src = np.divmod(np.arange(n * n), n)
-    keep = slice(None) if self_loops else src != dst
-    return Graph(np.stack([src[keep], dst[keep]]), n)
+    """All n^2 edges j -> i (n^2 - n without self-loops): a Transformer encoder's graph. O(n)."""
+    n = _count("n", n)
+    return Graph._structured(np.zeros(n, np.int64), np.full(n, n), self_loops, np.array([0, n]))
 
 
-def causal_graph(n):
-    """Edges j -> i for all j <= i: the graph a decoder (GPT) attends over."""
-    dst, src = np.tril_indices(n)
-    return Graph(np.stack([src, dst]), n)
+def causal_graph(n, window=None):
+    """Edges j -> i for j <= i: a decoder's (GPT's) graph. With window=w, only j in
+    [max(0, i-w+1), i], as in sliding-window (local) attention. O(n)."""
+    i = np.arange(_count("n", n))
+    lo = np.zeros(n, np.int64) if window is None else np.maximum(i - _count("window", window, 1) + 1, 0)
+    return Graph._structured(lo, i + 1, True, np.array([0, n]))
+
+
+def batch_graphs(graphs):
+    """One block-diagonal Graph from a list of graphs, as PyG batches them: node ids offset, edges
+    concatenated in the parts' order, and ptr (B+1,) the node offsets of the parts. A batch of
+    structured graphs stays structured."""
+    graphs = list(graphs)
+    if not all(isinstance(g, Graph) for g in graphs):
+        raise TypeError("batch_graphs takes a list of Graph")
+    ptr = np.concatenate([[0], np.cumsum([g.num_nodes for g in graphs], dtype=np.int64)])
+    if all(g.ranges is not None for g in graphs) and len({g.self_loops for g in graphs}) <= 1:
+        lo, hi = (np.concatenate([np.zeros(0, np.int64)] + [g.ranges[r] + p for g, p in
+                                                              zip(graphs, ptr)]) for r in (0, 1))
+        return Graph._structured(lo, hi, all(g.self_loops for g in graphs), ptr)
+    eptr = np.concatenate([[0], np.cumsum([g.num_edges for g in graphs], dtype=np.int64)])
+    join = lambda parts: np.concatenate([np.zeros(0, np.int64)] + parts)
+    g = Graph.__new__(Graph)
+    g._setup(int(ptr[-1]), eptr[-1], ptr, join([[0]] + [p.indptr[1:] + e for p, e in zip(graphs, eptr)]))
+    g.edge_index = _read_only(np.concatenate([np.zeros((2, 0), np.int64)] +
+                                             [p.edge_index + o for p, o in zip(graphs, ptr)], 1))
+    g.src = join([p.src + o for p, o in zip(graphs, ptr)])
+    g.perm = join([p.perm + e for p, e in zip(graphs, eptr)])
+    return g
 
 
 def random_graph(n, avg_degree=None, density=None, rng=None):
@@ -133,57 +207,21 @@ def random_graph(n, avg_degree=None, density=None, rng=None):
     if not 0 <= E <= n * (n - 1):
         raise ValueError(f"random_graph: {E} edges do not fit in {n} nodes without self-loops "
                          f"(at most n(n-1) = {n * (n - 1)})")
-    key = np.random.default_rng(rng).choice(n * (n - 1), size=E, replace=False)  # distinct off-diagonal slots
+    key = np.random.default_rng(rng).choice(n * (n - 1), size=E, replace=False)   # off-diagonal slots
     dst, src = np.divmod(key, max(n - 1, 1))
-    return Graph(np.stack([src + (src >= dst), dst]), n)            # shift past the diagonal: no self-loops
-
-
-def sinusoidal_pe(n, d):
-    """(n, d) encodings of Vaswani et al. (2017): PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same)."""
-    angle = np.arange(n)[:, None] / 10000 ** (np.arange(0, d, 2) / d)   # (n, ceil(d/2))
-    pe = np.empty((n, d))
-    pe[:, 0::2], pe[:, 1::2] = np.sin(angle), np.cos(angle[:, : d // 2])
-    return pe
-
-
-def laplacian_pe(g, k, rng=None):
-    """(N, k) Laplacian eigenvector encodings (Dwivedi & Bresson 2020).
-
-    Eigenvectors of L = I - D^-1/2 A D^-1/2 on the undirected version of g, self-loops ignored, in
-    ascending eigenvalue order with the first one (eigenvalue 0 if g has an edge) dropped. An isolated
-    node has D^-1/2 = 0, so its row of L is the identity's: its indicator is an eigenvector, eigenvalue 1.
-    Sign: each column's entry of largest magnitude is positive (the first one on ties); with an rng,
-    column signs are then flipped at random, as in training. Columns beyond the N - 1 the graph has are zero.
-    """
-    if not isinstance(g, Graph):
-        raise TypeError(f"g must be a Graph, got {type(g).__name__}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-        raise ValueError(f"k must be an int >= 0, got {k!r}")
-    N, (src, dst) = g.num_nodes, g.edge_index
-    A = np.zeros((N, N))                                            # (N, N) symmetric adjacency
-    A[dst, src] = A[src, dst] = 1
-    np.fill_diagonal(A, 0)
-    deg = A.sum(1)
-    d = np.divide(1, np.sqrt(deg), out=np.zeros(N), where=deg > 0)  # (N,) D^-1/2, 0 for isolated nodes
-    _, U = np.linalg.eigh(np.eye(N) - d[:, None] * A * d[None, :])  # ascending eigenvalues
-    U = U[:, 1:k + 1]                                               # (N, min(k, N-1))
-    if U.size:
-        U = U * np.sign(U[np.abs(U).argmax(0), np.arange(U.shape[1])])
-    if rng is not None:
-        U = U * np.random.default_rng(rng).choice([-1.0, 1.0], U.shape[1])
-    return np.pad(U, ((0, 0), (0, k - U.shape[1])))
+    return Graph(np.stack([src + (src >= dst), dst]), n)    # shift past the diagonal: no self-loops
 
 
 # ---------------------------------------------------------------- parameters
 
 def init_params(d_model, n_heads, d_head=None, rng=None, dtype=np.float64):
-    """Wq, Wk, Wv (D, H, dh); bq, bk, bv (H, dh); Wo (H, dh, D); bo (D,). Zero biases and Glorot-uniform
-    weights: as torch.nn.MultiheadAttention, over the stacked (D, 3 H dh) in-projection for Wq, Wk, Wv;
-    over (H dh, D) for Wo (torch leaves its out_proj at nn.Linear's default, U(+-1/sqrt(H dh)))."""
+    """Wq, Wk, Wv (D, H, dh); bq, bk, bv (H, dh); Wo (H, dh, D); bo (D,). Zero biases and
+    Glorot-uniform weights, with the bound of the stacked (D, 3 H dh) in-projection for Wq, Wk, Wv
+    and of (H dh, D) for Wo."""
     is_count = lambda n: isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
     if not (is_count(d_model) and is_count(n_heads) and (d_head is None or is_count(d_head))):
-        raise ValueError(f"init_params: d_model, n_heads and d_head must be ints >= 1, got {d_model!r}, "
-                         f"{n_heads!r}, {d_head!r}")
+        raise ValueError(f"init_params: d_model, n_heads and d_head must be ints >= 1, got "
+                         f"{d_model!r}, {n_heads!r}, {d_head!r}")
     dh = d_model // n_heads if d_head is None else d_head
     if dh < 1:
         raise ValueError(f"init_params: d_model // n_heads = {d_model} // {n_heads} is 0; give d_head")
@@ -191,147 +229,432 @@ def init_params(d_model, n_heads, d_head=None, rng=None, dtype=np.float64):
         raise ValueError(f"init_params: dtype must be float32 or float64, got {np.dtype(dtype)}")
     D, H, rng = d_model, n_heads, np.random.default_rng(rng)
     W = lambda bound, *shape: rng.uniform(-bound, bound, shape).astype(dtype)
-    qkv, out = math.sqrt(6 / (D + 3 * H * dh)), math.sqrt(6 / (H * dh + D))   # sqrt(6 / (fan_in + fan_out))
+    qkv, out = math.sqrt(6 / (D + 3 * H * dh)), math.sqrt(6 / (H * dh + D))  # sqrt(6/(fan_in+fan_out))
     return dict(Wq=W(qkv, D, H, dh), Wk=W(qkv, D, H, dh), Wv=W(qkv, D, H, dh), Wo=W(out, H, dh, D),
-                bq=np.zeros((H, dh), dtype), bk=np.zeros((H, dh), dtype), bv=np.zeros((H, dh), dtype),
-                bo=np.zeros(D, dtype))
+                bq=np.zeros((H, dh), dtype), bk=np.zeros((H, dh), dtype),
+                bv=np.zeros((H, dh), dtype), bo=np.zeros(D, dtype))
 
 
 def _w_qkv(p):
-    """[Wq Wk Wv] as one (D, 3*H*dh) matrix: a copy per call, D*3*H*dh floats, against N*D*3*H*dh
-    multiply-adds in the matmul it feeds."""
+    """[Wq Wk Wv] as one (D, 3 H dh) matrix, in a reused buffer."""
     D, H, dh = p["Wq"].shape
-    return np.stack([p["Wq"], p["Wk"], p["Wv"]], 1).reshape(D, 3 * H * dh)   # (D, 3*H*dh)
+    w = _buffer("w_qkv", 3 * D * H * dh, p["Wq"].dtype).reshape(D, 3, H, dh)
+    return np.stack([p["Wq"], p["Wk"], p["Wv"]], 1, out=w).reshape(D, 3 * H * dh)
 
 
 def _project(x, p, matmul=np.matmul):
-    """q, k, v = x Wq + bq, x Wk + bk, x Wv + bv as one matmul, into qkv (N, 3, H, dh): one array,
-    so that a node's k and v sit side by side for the sparse kernels' gathers."""
+    """q, k, v = x Wq + bq, x Wk + bk, x Wv + bv as one matmul: (N, H, dh) views of one
+    (N, 3, H, dh) array, where a node's k and v sit side by side for the sparse kernels."""
     D, H, dh = p["Wq"].shape
-    qkv = matmul(x, _w_qkv(p))                                      # (N, 3*H*dh)
-    qkv += np.stack([p["bq"], p["bk"], p["bv"]]).reshape(-1)        # in place: no second (N, 3*H*dh) array
-    return qkv.reshape(-1, 3, H, dh)
+    qkv = matmul(x, _w_qkv(p))                                          # (N, 3 H dh)
+    qkv += np.stack([p["bq"], p["bk"], p["bv"]]).reshape(-1)
+    qkv = qkv.reshape(-1, 3, H, dh)                                     # (N, 3, H, dh)
+    return qkv[:, 0], qkv[:, 1], qkv[:, 2]
 
 
 def _project_backward(dqkv, x, p, grads, matmul=np.matmul):
-    """Differentiates _project; writes dW*, db* into grads and returns dx (N, D)."""
+    """Differentiates _project, given dqkv (N, 3, H, dh): writes dW*, db* into grads and
+    returns dx (N, D)."""
     N, _, H, dh = dqkv.shape
-    d = dqkv.reshape(N, 3 * H * dh)                                 # (N, 3*H*dh)
-    dW = matmul(x.T, d).reshape(-1, 3, H, dh)                       # (D, 3, H, dh)
-    db = d.sum(0).reshape(3, H, dh)                                 # (3, H, dh)
+    d = dqkv.reshape(N, 3 * H * dh)
+    dW, db = matmul(x.T, d).reshape(-1, 3, H, dh), dqkv.sum(0)         # (D, 3, H, dh), (3, H, dh)
     for n, c in enumerate("qkv"):
-        grads["W" + c], grads["b" + c] = dW[:, n].copy(), db[n].copy()
-    return matmul(d, _w_qkv(p).T)                                   # (N, D)
+        grads["W" + c], grads["b" + c] = dW[:, n], db[n]
+    return matmul(d, _w_qkv(p).T)                                       # (N, D)
+
+
+def _packed(q, k, v):
+    """(N, 3, H, dh) with q, k, v at [:, 0], [:, 1], [:, 2]: a view when they already lie so in
+    memory, each node's q, k, v one after another (as _project makes them), else a copy."""
+    N, H, dh = q.shape
+    row = q.itemsize * H * dh                                           # bytes of one (H, dh)
+    if (q.dtype == k.dtype == v.dtype and q.strides == k.strides == v.strides
+            == (3 * row, q.itemsize * dh, q.itemsize)
+            and k.ctypes.data - q.ctypes.data == v.ctypes.data - k.ctypes.data == row):
+        return np.lib.stride_tricks.as_strided(q, (N, 3, H, dh), (3 * row, row, *q.strides[1:]))
+    return np.stack((q, k, v), 1)
 
 
 # ---------------------------------------------------------------- naive
-# Every backend implements the attention core between the shared projections: forward
-# (qkv, bias, g) -> (o, cache) and backward (do, cache) -> (dqkv, ds), where qkv (N, 3, H, dh) holds
-# q, k, v, and ds = dL/ds is also the edge bias's gradient, in input edge order (sparse and dense
-# return None without a bias).
+# Every backend computes the attention between the projections: forward(q, k, v, bias, g) ->
+# (o, cache), and backward(do, cache, dq, dk, dv) -> ds, which writes the gradients of q, k, v
+# into the (N, H, dh) buffers dq, dk, dv. q, k, v, o are (N, H, dh); bias is None or (E, H) in
+# input edge order. ds = dL/ds (E, H), in input edge order, is also the edge bias's gradient
+# (dense and sparse return None without a bias).
+NaiveCache = namedtuple("NaiveCache", "q k v alpha g")
 
-def naive_forward(qkv, bias, g):
+
+def naive_forward(q, k, v, bias, g):
     """Per-edge loops that read like the math; vectorised over heads and dh, never over edges."""
-    (q, k, v), (src, dst) = qkv.transpose(1, 0, 2, 3), g.edge_index  # (N, H, dh) views each
-    N, H, dh = q.shape
-    s = np.empty((g.num_edges, H), q.dtype)                         # (E, H)
+    (src, dst), (N, H, dh) = g.edge_index, q.shape
+    # pass 1: scores
+    s = np.empty((g.num_edges, H), q.dtype)                             # (E, H)
     for e, (j, i) in enumerate(zip(src, dst)):
         s[e] = (q[i] * k[j]).sum(-1) / math.sqrt(dh) + (0 if bias is None else bias[e])
-    m = np.full((N, H), -np.inf, q.dtype)                           # (N, H) per-target max, subtracted for stability
+    # pass 2: each target's max score, subtracted for numerical stability
+    m = np.full((N, H), -np.inf, q.dtype)                               # (N, H)
     for e, i in enumerate(dst):
         m[i] = np.maximum(m[i], s[e])
-    m[m == -np.inf] = 0                                             # every score -inf (a masking bias): weights 0
-    ex, den = np.empty_like(s), np.zeros((N, H), q.dtype)           # (E, H), (N, H)
+    m[m == -np.inf] = 0             # no in-edge, or every score -inf (a masking bias): weights 0
+    # pass 3: exponentials, summed per target
+    ex, den = np.empty_like(s), np.zeros((N, H), q.dtype)               # (E, H), (N, H)
     for e, i in enumerate(dst):
         ex[e] = np.exp(s[e] - m[i])
-        den[i] += ex[e]                                             # >= 1 unless every score of i is -inf
-    alpha, o = np.empty_like(s), np.zeros_like(q)                   # (E, H), (N, H, dh)
+        den[i] += ex[e]
+    # pass 4: weights, then the weighted sum of the sources' values
+    alpha, o = np.empty_like(s), np.zeros_like(q)                       # (E, H), (N, H, dh)
     for e, (j, i) in enumerate(zip(src, dst)):
-        alpha[e] = ex[e] / np.maximum(den[i], 1)                    # all -inf: 0 / 1, not 0 / 0
+        alpha[e] = ex[e] / np.maximum(den[i], 1)   # den >= 1 unless all scores are -inf: 0 / 1
         o[i] += alpha[e][:, None] * v[j]
-    return o, (qkv, alpha, g)
+    return o, NaiveCache(q, k, v, alpha, g)
 
 
-def naive_backward(do, cache):
-    """The forward's loops in reverse, each under the forward line it differentiates."""
-    qkv, alpha, g = cache
-    (q, k, v), (src, dst) = qkv.transpose(1, 0, 2, 3), g.edge_index
-    N, H, dh = q.shape
-    dqkv = np.zeros_like(qkv)                                       # (N, 3, H, dh)
-    dq, dk, dv = dqkv.transpose(1, 0, 2, 3)                         # (N, H, dh) views each
-    dalpha, ds = np.empty_like(alpha), np.empty_like(alpha)         # (E, H)
-    for e, (j, i) in enumerate(zip(src, dst)):                      # o[i] += alpha[e] * v[j]
+def naive_backward(do, cache, dq, dk, dv):
+    """The forward's passes in reverse, each under the forward line it differentiates."""
+    q, k, v, alpha, g = cache
+    (src, dst), (N, H, dh) = g.edge_index, q.shape
+    dq[:], dk[:], dv[:] = 0, 0, 0                   # the loops below add into them
+    # backward of pass 4: o[i] += alpha[e] * v[j]
+    dalpha = np.empty_like(alpha)                                       # (E, H)
+    for e, (j, i) in enumerate(zip(src, dst)):
         dalpha[e] = (do[i] * v[j]).sum(-1)
         dv[j] += alpha[e][:, None] * do[i]
-    dot = np.zeros((N, H), q.dtype)                                 # (N, H) sum over in-edges of alpha dalpha
+    # backward of passes 2 and 3, the softmax: ds[e] = alpha[e] (dalpha[e] - dot[i])
+    dot = np.zeros((N, H), q.dtype)                 # (N, H) sum over i's in-edges of alpha dalpha
     for e, i in enumerate(dst):
         dot[i] += alpha[e] * dalpha[e]
-    for e, i in enumerate(dst):                                     # alpha[e] = ex[e] / den[i]: softmax backward
+    ds = np.empty_like(alpha)                                           # (E, H)
+    for e, i in enumerate(dst):
         ds[e] = alpha[e] * (dalpha[e] - dot[i])
-    for e, (j, i) in enumerate(zip(src, dst)):                      # s[e] = <q[i], k[j]> / sqrt(dh) + bias[e]
+    # backward of pass 1: s[e] = <q[i], k[j]> / sqrt(dh) + bias[e]
+    for e, (j, i) in enumerate(zip(src, dst)):
         dq[i] += ds[e][:, None] * k[j] / math.sqrt(dh)
         dk[j] += ds[e][:, None] * q[i] / math.sqrt(dh)
-    return dqkv, ds
+    return ds
 
 
 def naive_alpha(cache):
-    return cache[1].copy()                                          # (E, H), already in input order
+    return cache.alpha.copy()                                           # (E, H), input order
+
+
+# ---------------------------------------------------------------- dense
+# As a Transformer computes: for each block of target rows, the scores against the source
+# columns the block needs are one matmul, non-edges are set to -inf by selection (only where
+# the block is not full), then the softmax, then P V. Complete, causal, window and batched
+# structured graphs give each block a contiguous range of columns; a general graph gives the
+# sources found in the block's CSR rows. The backward recomputes each block's probabilities
+# from q, k and the log-sum-exp kept by the forward (as FlashAttention does): nothing of size
+# N^2 is ever kept. Blocks run on threads in contiguous lanes of equal work; each lane sums its
+# own key and value gradients, and the lanes are added in order.
+Block = namedtuple("Block", "rows cols ragged")     # slice; slice or sorted array; slice or None
+DenseCache = namedtuple("DenseCache", "q k v o lse bias g block_rows bad")
+BLOCK_ROWS = 256
+
+
+def dense_blocks(g, block_rows=BLOCK_ROWS):
+    """The blocks of target rows, built once per graph: rows (a slice of targets), cols (the
+    sources they attend to: a slice, or a sorted array for a general graph) and ragged (the
+    columns, within cols, where some pair is not an edge; None when all pairs are edges).
+    Blocks keep the graphs of a batch whole where they fit in block_rows."""
+    return g.derived(("dense", block_rows), lambda: list(_plan_blocks(g, block_rows)))
+
+
+def _plan_blocks(g, R):
+    cuts = [0]
+    for a, b in zip(g.ptr[:-1], g.ptr[1:]):         # graph [a, b) of a batch
+        if b - cuts[-1] > R and a > cuts[-1]:
+            cuts.append(a)                            # start a block with this graph
+        cuts += range(cuts[-1] + R, b, R)             # cut a graph larger than R rows
+    cuts += [g.num_nodes] if g.num_nodes > cuts[-1] else []
+    for r0, r1 in zip(cuts[:-1], cuts[1:]):
+        rows = slice(r0, r1)
+        if g.ranges is None:
+            cols = np.unique(g.src[g.indptr[r0]:g.indptr[r1]])
+            full = g.indptr[r1] - g.indptr[r0] == (r1 - r0) * cols.size
+            yield Block(rows, cols, None if full else slice(0, cols.size))
+            continue
+        lo, hi = g.ranges[0][rows], g.ranges[1][rows]
+        c0, c1, f0, f1 = lo.min(), hi.max(), lo.max(), hi.min()    # [f0, f1): every row's columns
+        gaps = [(c0, f0), (f1, c1)] if f0 < f1 else [(c0, c1)]
+        gaps += [] if g.self_loops else [(max(r0, c0), min(r1, c1))]      # the diagonal
+        gaps = [(a, b) for a, b in gaps if a < b]
+        ragged = slice(min(a for a, _ in gaps) - c0, max(b for _, b in gaps) - c0) if gaps else None
+        yield Block(rows, slice(c0, c1), ragged)
+
+
+def dense_bytes(g, n_heads, dtype, edge_bias=False, block_rows=BLOCK_ROWS):
+    """Bytes the dense backend needs beyond its (N, H, dh) arrays, forward plus backward: per
+    thread, three (H, rows, cols) blocks of scratch and its own key and value gradients; with an
+    edge bias, its (E, H) copy and gradient too."""
+    blocks, item = dense_blocks(g, block_rows), np.dtype(dtype).itemsize
+    cells = max([(b.rows.stop - b.rows.start) * _ncols(b) for b in blocks], default=0)
+    per_thread = (3 + edge_bias) * n_heads * cells * item + 2 * g.num_nodes * item * 64
+    return nb.get_num_threads() * per_thread + 2 * edge_bias * g.num_edges * n_heads * item
+
+
+def _ncols(b):
+    return b.cols.stop - b.cols.start if isinstance(b.cols, slice) else b.cols.size
+
+
+def _cols(b):
+    return np.arange(b.cols.start, b.cols.stop) if isinstance(b.cols, slice) else b.cols
+
+
+def _edge_mask(g, b, cols):
+    """(R, C) bool: True where target row r of block b and source cols[c] are an edge. For a
+    general graph, cols must hold every source of the block's edges."""
+    rows = np.arange(b.rows.start, b.rows.stop)[:, None]                # (R, 1)
+    if g.ranges is None:
+        mask = np.zeros((rows.size, cols.size), bool)
+        e = slice(g.indptr[b.rows.start], g.indptr[b.rows.stop])
+        counts = np.diff(g.indptr[b.rows.start:b.rows.stop + 1])          # (R,) in-edges
+        mask[np.repeat(np.arange(rows.size), counts), np.searchsorted(cols, g.src[e])] = True
+        return mask
+    mask = (cols >= g.ranges[0][b.rows, None]) & (cols < g.ranges[1][b.rows, None])
+    return mask if g.self_loops else mask & (cols != rows)
+
+
+def _scores(q_b, kt, bias, g, b, s):
+    """s (H, R, C) = q_b kt[:, :, cols]: the scores of block b's rows against its columns, then
+    + bias at edges and -inf at non-edges. q_b (H, R, dh) holds the rows' q / sqrt(dh), kt
+    (H, dh, N) is k heads-first and transposed."""
+    np.matmul(q_b, kt[:, :, b.cols], out=s)
+    if bias is not None:            # bias at edges, -inf elsewhere: s is finite here, see _split
+        tile = _buffer("dense tile", s.size, s.dtype).reshape(s.shape)
+        tile[:] = -np.inf
+        r, c = np.nonzero(_edge_mask(g, b, _cols(b)))           # CSR order: by row, then column
+        tile[:, r, c] = bias[g.indptr[b.rows.start]:g.indptr[b.rows.stop]].T
+        s += tile
+    elif b.ragged is not None:
+        edge = _edge_mask(g, b, _cols(b)[b.ragged])
+        np.copyto(s[:, :, b.ragged], -np.inf, where=~edge)
+    return s
+
+
+def _split(blocks, g, bad):
+    """Blocks with a non-finite input where some pair is not an edge, cut into one block per row
+    over that row's own sources, so that inf and NaN reach only what naive lets them reach
+    (through a masked pair, 0 * NaN would reach rows that do not attend to the node)."""
+    if bad is None:
+        return blocks
+    out = []
+    for b in blocks:
+        if b.ragged is None or not (bad[b.rows].any() or bad[b.cols].any()):
+            out.append(b)
+            continue
+        for i in range(b.rows.start, b.rows.stop):
+            row = Block(slice(i, i + 1), _cols(b), None)
+            out.append(row._replace(cols=row.cols[_edge_mask(g, row, row.cols)[0]]))
+    return out
+
+
+def _nonfinite(*arrays, bad=None):
+    """(N,) bool, True at nodes with an inf or NaN in any of the (N, ...) arrays or in bad;
+    None if there is none."""
+    if all(np.isfinite(a.sum()) for a in arrays):
+        return bad                        # the common case, one sum each (an overflow falls through)
+    found = ~np.logical_and.reduce([np.isfinite(a).reshape(len(a), -1).all(1) for a in arrays])
+    return found if bad is None else found | bad
+
+
+def dense_forward(q, k, v, bias, g, block_rows=None):
+    (N, H, dh), block_rows = q.shape, block_rows or BLOCK_ROWS
+    need, have = dense_bytes(g, H, q.dtype, bias is not None, block_rows), available_bytes()
+    if need > have:
+        raise MemoryError(f"dense backend needs about {need / 2**30:.1f} GiB for blocks of "
+                          f"{block_rows} rows (N={N}, H={H}), but {have / 2**30:.1f} GiB is "
+                          f"available; use smaller block_rows or backend='sparse'")
+    bias = _to_csr(bias, g)                        # (E, H) blocks read their edges in CSR order
+    o, lse = np.empty_like(q), np.empty((N, H), q.dtype)                # (N, H, dh), (N, H)
+    bad = _nonfinite(q, k, v)
+    blocks = _split(dense_blocks(g, block_rows), g, bad)
+    kt, vh = _heads_first(k, "kt", transpose=True), _heads_first(v, "vh")   # (H, dh, N), (H, N, dh)
+
+    def lane(blocks):
+        shapes = lambda R, C: [(H, R, C), (H, R, dh), (H, R, dh)]
+        for b, (s, q_b, o_b) in _buffers(blocks, q.dtype, shapes):
+            # pass 1: scores, -inf at non-edges
+            np.multiply(q[b.rows].transpose(1, 0, 2), 1 / math.sqrt(dh), out=q_b)
+            _scores(q_b, kt, bias, g, b, s)                              # (H, R, C)
+            # pass 2: softmax over each row's edges: max subtracted for stability, empty rows 0
+            m = s.max(-1, initial=-np.inf)                               # (H, R)
+            m[m == -np.inf] = 0
+            den = np.empty_like(m)                                       # (H, R)
+            _exp_rows(s, m, den)                       # s = exp(s - max), den = its row sums
+            np.maximum(den, 1, out=den)                # >= 1 unless a row has no edges: 0 / 1
+            # pass 3: o = P V, normalised on the (R, dh) side
+            np.matmul(s, vh[:, b.cols], out=o_b)                         # (H, R, dh)
+            np.divide(o_b.transpose(1, 0, 2), den.T[..., None], out=o[b.rows])
+            lse[b.rows] = (m + np.log(den)).T          # log of sum exp(s): P = exp(s - lse)
+    _map_threads(lane, _lanes(blocks))
+    return o, DenseCache(q, k, v, o, lse, bias, g, block_rows, bad)
+
+
+def dense_backward(do, cache, dq, dk, dv):
+    q, k, v, o, lse, bias, g, block_rows, bad = cache
+    N, H, dh = q.shape
+    ds_edges = None if bias is None else np.empty_like(bias)            # (E, H) CSR order
+    lanes = _lanes(_split(dense_blocks(g, block_rows), g, _nonfinite(o, do, bad=bad)))
+    # With a last row of ones, [q / sqrt(dh), -lse] kt is s - lse and [do, -delta] vt is
+    # dP - delta: each subtraction rides in its matmul instead of a pass over (H, R, C).
+    kt, vt = (_heads_first(a, key, transpose=True, ones=True) for a, key in ((k, "kt"), (v, "vt")))
+    kh = _heads_first(k, "kh")                                          # (H, N, dh)
+    # every lane sums its own dk, dv, heads first; they are added in lane order at the end
+    acc = _buffer("dense dk dv", len(lanes) * 2 * dk.size, q.dtype).reshape(len(lanes), 2, H, N, dh)
+
+    def lane(n):
+        acc[n] = 0
+        dk_l, dv_l = acc[n]                                              # (H, N, dh) each
+        shapes = lambda R, C: [(H, R, C), (H, R, C), (H, C, dh), (H, R, dh + 1), (H, R, dh + 1)]
+        for b, (s, dp, t_c, q_b, do_b) in _buffers(lanes[n], q.dtype, shapes):
+            # recompute pass 2's P = exp(s - lse) from pass 1's scores
+            np.multiply(q[b.rows].transpose(1, 0, 2), 1 / math.sqrt(dh), out=q_b[..., :dh])
+            q_b[..., dh] = -lse[b.rows].T
+            _scores(q_b, kt, bias, g, b, s)                              # (H, R, C) s - lse
+            # backward of pass 3, o = P V: dP = do V^T (here less delta = sum_j P dP = <do, o>)
+            do_b[..., :dh] = do[b.rows].transpose(1, 0, 2)
+            np.einsum("rhd,rhd->hr", do[b.rows], o[b.rows], out=do_b[..., dh])
+            do_b[..., dh] *= -1
+            np.matmul(do_b, vt[:, :, b.cols], out=dp)                    # (H, R, C) dP - delta
+            # backward of pass 2, the softmax: dS = P (dP - delta), with P = exp(s - lse)
+            _exp_times(s, dp)                          # s = P, dp = dS
+            p, ds = s, dp                                                # (H, R, C) each
+            np.matmul(p.transpose(0, 2, 1), do_b[..., :dh], out=t_c)    # and dV = P^T do
+            dv_l[:, b.cols] += t_c
+            if bias is not None:
+                r, c = np.nonzero(_edge_mask(g, b, _cols(b)))
+                ds_edges[g.indptr[b.rows.start]:g.indptr[b.rows.stop]] = ds[:, r, c].T
+            # backward of pass 1: s = q k^T / sqrt(dh)
+            np.matmul(ds.transpose(0, 2, 1), q_b[..., :dh], out=t_c)
+            dk_l[:, b.cols] += t_c
+            np.matmul(ds, kh[:, b.cols], out=do_b[..., :dh])            # do_b's buffer: dq
+            do_b[..., :dh] *= 1 / math.sqrt(dh)
+            dq[b.rows] = do_b[..., :dh].transpose(1, 0, 2)
+    _map_threads(lane, range(len(lanes)))
+
+    def add_lanes(h):                                                   # in lane order
+        dk[:, h], dv[:, h] = acc[0, :, h]
+        for dk_l, dv_l in acc[1:, :, h]:
+            dk[:, h] += dk_l
+            dv[:, h] += dv_l
+    _map_threads(add_lanes, range(H))
+    return None if bias is None else _input_order(ds_edges, g)
+
+
+def dense_alpha(cache):
+    q, k, v, o, lse, bias, g, block_rows, bad = cache
+    N, H, dh = q.shape
+    alpha = np.empty((g.num_edges, H), q.dtype)                         # (E, H) CSR order
+    kt = _heads_first(k, "kt", transpose=True)
+    for b, (s, q_b) in _buffers(dense_blocks(g, block_rows), q.dtype,
+                                lambda R, C: [(H, R, C), (H, R, dh)]):
+        np.multiply(q[b.rows].transpose(1, 0, 2), 1 / math.sqrt(dh), out=q_b)
+        p = np.exp(_scores(q_b, kt, bias, g, b, s) - lse[b.rows].T[..., None])
+        r, c = np.nonzero(_edge_mask(g, b, _cols(b)))          # P at edges only: no 0 * NaN
+        alpha[g.indptr[b.rows.start]:g.indptr[b.rows.stop]] = p[:, r, c].T
+    return _input_order(alpha, g)
+
+
+def _heads_first(a, key, transpose=False, ones=False):
+    """a (N, H, dh) as (H, N, dh), or transposed as (H, dh, N) with a last row of ones if asked,
+    in a reused buffer: the block matmuls then read rows that lie contiguously."""
+    N, H, dh = a.shape
+    out = _buffer("dense " + key, H * N * (dh + ones), a.dtype)
+    out = out.reshape((H, dh + ones, N) if transpose else (H, N, dh))
+
+    def copy(h):                                                        # a head per thread
+        if transpose:
+            out[h, :dh], out[h, dh:] = a[:, h].T, 1
+        else:
+            out[h] = a[:, h]
+    _map_threads(copy, range(H))
+    return out
+
+
+@nb.njit(nogil=True, cache=True, fastmath=_REASSOC)
+def _exp_rows(s, m, den):
+    """s = exp(s - m) in place and den = its sums, row by row: the softmax's subtract, exp and
+    sum in one pass over the (H, R, C) block."""
+    H, R, C = s.shape
+    for h in range(H):
+        for r in range(R):
+            total = s.dtype.type(0)
+            for c in range(C):
+                s[h, r, c] = _exp(s[h, r, c] - m[h, r])
+                total += s[h, r, c]
+            den[h, r] = total
+
+
+@nb.njit(nogil=True, cache=True, fastmath=_REASSOC)
+def _exp_times(s, dp):
+    """s = exp(s) and dp = dp * exp(s), in place, in one pass over the (H, R, C) block."""
+    H, R, C = s.shape
+    for h in range(H):
+        for r in range(R):
+            for c in range(C):
+                s[h, r, c] = _exp(s[h, r, c])
+                dp[h, r, c] *= s[h, r, c]
+
+
+def _buffers(blocks, dtype, shapes):
+    """(b, arrays of the shapes(R, C) list) for each block b of R rows and C columns: views of
+    one buffer that this thread keeps between calls (see _buffer)."""
+    sizes = lambda b: [math.prod(s) for s in shapes(b.rows.stop - b.rows.start, _ncols(b))]
+    flat = _buffer("dense blocks", max([sum(sizes(b)) for b in blocks], default=0), dtype)
+    for b in blocks:
+        ends = np.cumsum(sizes(b))
+        yield b, [flat[e - n:e].reshape(s) for e, n, s in
+                  zip(ends, sizes(b), shapes(b.rows.stop - b.rows.start, _ncols(b)))]
+
+
+def _lanes(blocks):
+    """The blocks in contiguous runs of about equal work (rows x columns), one per thread."""
+    n = nb.get_num_threads()
+    work = np.cumsum([(b.rows.stop - b.rows.start) * _ncols(b) for b in blocks] or [0])
+    cuts = [0, *np.searchsorted(work, work[-1] * np.arange(1, n) / n, "right"), len(blocks)]
+    return [blocks[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 # ---------------------------------------------------------------- sparse
 # Numba kernels over the target CSR. prange runs over chunks of targets, which are independent;
-# the key and value gradients land on sources, so a second pass over the transposed CSR produces
-# them instead of racing. Each node is summed by one thread in a fixed order: results are
-# bit-identical for any thread count. Sums run in the input dtype and may be reassociated and fused
-# (multiply-add), so that LLVM vectorises the dh loops; no other fast-math flag is set, so inf and
-# NaN keep their meaning.
-# The kernels gather rows at random (k_j, v_j of each source; q_i, do_i of each target), which the
-# CPU cannot predict: each asks for the rows of the edge _AHEAD positions on, so that they arrive
-# in cache while the current edge is computed (measured here: 13-25% off each kernel).
-_REASSOC = {"reassoc", "contract"}
-_AHEAD, _LINE = 8, 64                                               # edges ahead; bytes in a cache line
+# the key and value gradients land on sources, so a second pass over the transposed CSR makes
+# them instead of racing. Each node is summed by one thread in a fixed order, so results are
+# the same bits for any thread count. Sums may be reassociated and fused (multiply-add) so that
+# LLVM vectorises the dh loops; no other fast-math flag is set, so inf and NaN keep their
+# meaning. The kernels gather rows at random (k_j and v_j of each source), which the CPU cannot
+# predict: each asks for the rows of the edge _AHEAD positions on (see _prefetch at the end).
+SparseCache = namedtuple("SparseCache", "qkv o alpha g has_bias")
+SparseIndex = namedtuple("SparseIndex", "chunks t_indptr t_pos t_dst t_chunks")
 
 
-@intrinsic
-def _prefetch(typingctx, a, i, offset):
-    """Starts loading the cache line at byte `offset` of row a[i] (LLVM's prefetch). A hint only:
-    it changes no result."""
-    def codegen(context, builder, sig, args):
-        arr = context.make_array(sig.args[0])(context, builder, args[0])
-        index = [args[1]] + [context.get_constant(nb.types.intp, 0)] * (sig.args[0].ndim - 1)
-        row = cgutils.get_item_pointer(context, builder, sig.args[0], arr, index)
-        byte = ir.IntType(8).as_pointer()
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-            ir.VoidType(), [byte] + [ir.IntType(32)] * 3), "llvm.prefetch.p0i8")
-        builder.call(fn, [builder.gep(builder.bitcast(row, byte), [args[2]])]   # read, keep in all caches, data
-                     + [ir.Constant(ir.IntType(32), c) for c in (0, 3, 1)])
-        return context.get_dummy_value()
-    return nb.types.void(a, i, offset), codegen
-
-
-@nb.njit(inline="always")
-def _prefetch_bytes(a, i, start, stop):
-    for b in range(start, stop, _LINE):                             # bytes start:stop of row a[i]
-        _prefetch(a, i, b)
-    _prefetch(a, i, stop - 1)                                       # the last line, when rows are not line-aligned
+def _sparse_index(g):
+    """Chunks of targets of equal work, and the CSR by source: out-edges of j as CSR positions."""
+    def build():
+        dst = np.repeat(np.arange(g.num_nodes), np.diff(g.indptr))      # (E,) CSR order
+        t_pos = np.argsort(g.src, kind="stable")                        # (E,)
+        t_indptr = _indptr(g.src, g.num_nodes)
+        return SparseIndex(_balanced_chunks(g.indptr), t_indptr, t_pos, dst[t_pos],
+                           _balanced_chunks(t_indptr))
+    return g.derived("sparse", build)
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_REASSOC)
 def _sparse_forward_kernel(qkv, bias, indptr, src, chunks):
     N, _, H, dh = qkv.shape
     scale = qkv.dtype.type(1 / np.sqrt(dh))
-    alpha, o = np.empty((src.size, H), qkv.dtype), np.empty((N, H, dh), qkv.dtype)   # (E, H) in CSR order, (N, H, dh)
+    alpha, o = np.empty((src.size, H), qkv.dtype), np.empty((N, H, dh), qkv.dtype)
     for c in nb.prange(chunks.size - 1):
-        m, den = np.empty(H, qkv.dtype), np.empty(H, qkv.dtype)     # (H,) per-target max and softmax sum
+        m, den = np.empty(H, qkv.dtype), np.empty(H, qkv.dtype)     # (H,) target's max and sum
         acc = np.empty((H, dh), qkv.dtype)                          # (H, dh) o_i, unnormalised
         for i in range(chunks[c], chunks[c + 1]):
             m[:] = -np.inf
             den[:] = 0
             acc[:] = 0
-            for e in range(indptr[i], indptr[i + 1]):               # alpha holds s, then exp(s - max), then alpha
-                if e + _AHEAD < src.size:                           # k and v of a source soon needed
+            # pass 1: scores s = <q_i, k_j> / sqrt(dh) + bias, into alpha's buffer
+            for e in range(indptr[i], indptr[i + 1]):
+                if e + _AHEAD < src.size:
                     _prefetch_bytes(qkv, src[e + _AHEAD], qkv[0, 0].nbytes, qkv[0].nbytes)
-                j = src[e]                                          # s = <q_i, k_j> / sqrt(dh) + bias
+                j = src[e]
                 for h in range(H):
                     s = qkv.dtype.type(0)
                     for d in range(dh):
@@ -340,9 +663,10 @@ def _sparse_forward_kernel(qkv, bias, indptr, src, chunks):
                     alpha[e, h] = s
                     m[h] = max(m[h], s)
             for h in range(H):
-                if m[h] == -np.inf:                                 # every score -inf (a masking bias): weights 0
+                if m[h] == -np.inf:         # every score -inf (a masking bias): weights 0
                     m[h] = 0
-            for e in range(indptr[i], indptr[i + 1]):               # exp(s - max), max subtracted for stability
+            # pass 2: alpha's buffer holds exp(s - max), max subtracted for stability
+            for e in range(indptr[i], indptr[i + 1]):
                 j = src[e]
                 for h in range(H):
                     p = np.exp(alpha[e, h] - m[h])
@@ -350,8 +674,9 @@ def _sparse_forward_kernel(qkv, bias, indptr, src, chunks):
                     den[h] += p
                     for d in range(dh):
                         acc[h, d] += p * qkv[j, 2, h, d]
-            for h in range(H):                                      # normalise once; no in-edges: o_i = 0 / 1
-                den[h] = max(den[h], 1)                             # den >= 1 unless every score is -inf
+            # pass 3: normalise once: alpha = exp / den, o_i = acc / den (no in-edges: 0 / 1)
+            for h in range(H):
+                den[h] = max(den[h], 1)
                 for e in range(indptr[i], indptr[i + 1]):
                     alpha[e, h] /= den[h]
                 for d in range(dh):
@@ -359,53 +684,54 @@ def _sparse_forward_kernel(qkv, bias, indptr, src, chunks):
     return o, alpha
 
 
-def sparse_forward(qkv, bias, g):
-    csr_bias = None if bias is None else bias[g.perm]               # (E, H) input order -> CSR order
-    o, alpha = _sparse_forward_kernel(qkv, csr_bias, g.indptr, g.src, g.chunks)
-    return o, (qkv, o, alpha, g, bias is not None)                  # alpha (E, H) kept: the backward needs it
+def sparse_forward(q, k, v, bias, g):
+    _start_numba_threads()
+    qkv, idx = _packed(q, k, v), _sparse_index(g)                      # (N, 3, H, dh)
+    o, alpha = _sparse_forward_kernel(qkv, _to_csr(bias, g), g.indptr, g.src, idx.chunks)
+    return o, SparseCache(qkv, o, alpha, g, bias is not None)  # alpha (E, H) kept for the backward
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_REASSOC)
-def _sparse_backward_targets(do, qkv, o, alpha, dqkv, indptr, src, chunks):
-    """ds (E, H) and dq into dqkv[:, 0]: every write lands on the target row i this thread owns."""
+def _sparse_backward_targets(do, qkv, o, alpha, dqkv, ds, indptr, src, chunks):
+    """ds (E, H), and dq into dqkv[:, 0]: every write lands on a target row this thread owns."""
     N, _, H, dh = qkv.shape
     scale = qkv.dtype.type(1 / np.sqrt(dh))
-    ds = np.empty_like(alpha)
     for c in nb.prange(chunks.size - 1):
         for i in range(chunks[c], chunks[c + 1]):
             for h in range(H):
-                dot = qkv.dtype.type(0)                             # sum_e alpha_e dalpha_e = <do_i, o_i>
+                dot = qkv.dtype.type(0)                 # sum_e alpha_e dalpha_e = <do_i, o_i>
                 for d in range(dh):
                     dot += do[i, h, d] * o[i, h, d]
                     dqkv[i, 0, h, d] = 0
                 for e in range(indptr[i], indptr[i + 1]):
-                    if h == 0 and e + _AHEAD < src.size:            # once per edge (h is the outer loop)
+                    if h == 0 and e + _AHEAD < src.size:        # once per edge: h is the outer loop
                         _prefetch_bytes(qkv, src[e + _AHEAD], qkv[0, 0].nbytes, qkv[0].nbytes)
-                    j, da = src[e], qkv.dtype.type(0)               # o_i = sum_e alpha_e v_j: dalpha_e = <do_i, v_j>
+                    # backward of o_i = sum_e alpha_e v_j: dalpha_e = <do_i, v_j>
+                    j, da = src[e], qkv.dtype.type(0)
                     for d in range(dh):
                         da += do[i, h, d] * qkv[j, 2, h, d]
-                    ds[e, h] = alpha[e, h] * (da - dot)             # softmax backward
-                    for d in range(dh):                             # s = <q_i, k_j> / sqrt(dh) + bias
+                    # backward of the softmax, then of s = <q_i, k_j> / sqrt(dh) + bias
+                    ds[e, h] = alpha[e, h] * (da - dot)
+                    for d in range(dh):
                         dqkv[i, 0, h, d] += ds[e, h] * scale * qkv[j, 1, h, d]
-    return ds
 
 
 @nb.njit(parallel=True, cache=True, fastmath=_REASSOC)
 def _sparse_backward_sources(do, qkv, alpha, ds, dqkv, t_indptr, t_pos, t_dst, t_chunks):
-    """dk and dv into dqkv[:, 1:] by a pass over the transposed CSR: every write lands on the source row j."""
+    """dk and dv into dqkv[:, 1:], over the transposed CSR: every write lands on source row j."""
     N, _, H, dh = qkv.shape
     scale = qkv.dtype.type(1 / np.sqrt(dh))
     for c in nb.prange(t_chunks.size - 1):
         for j in range(t_chunks[c], t_chunks[c + 1]):
             dqkv[j, 1:] = 0
             for t in range(t_indptr[j], t_indptr[j + 1]):
-                if t + _AHEAD < t_pos.size:                         # q, do, alpha and ds of an edge soon needed
+                if t + _AHEAD < t_pos.size:             # q, do, alpha and ds of an edge soon needed
                     i_next, e_next = t_dst[t + _AHEAD], t_pos[t + _AHEAD]
                     _prefetch_bytes(qkv, i_next, 0, qkv[0, 0].nbytes)
                     _prefetch_bytes(do, i_next, 0, do[0].nbytes)
                     _prefetch(alpha, e_next, 0)
                     _prefetch(ds, e_next, 0)
-                e, i = t_pos[t], t_dst[t]                           # e: the edge's position in the target CSR
+                e, i = t_pos[t], t_dst[t]               # e: the edge's position in the target CSR
                 for h in range(H):
                     dk_scale, dv_scale = ds[e, h] * scale, alpha[e, h]
                     for d in range(dh):
@@ -413,176 +739,112 @@ def _sparse_backward_sources(do, qkv, alpha, ds, dqkv, t_indptr, t_pos, t_dst, t
                         dqkv[j, 2, h, d] += dv_scale * do[i, h, d]
 
 
-def sparse_backward(do, cache):
+def sparse_backward(do, cache, dq, dk, dv):
     qkv, o, alpha, g, has_bias = cache
-    dqkv = np.empty_like(qkv)                                       # (N, 3, H, dh)
-    ds = _sparse_backward_targets(do, qkv, o, alpha, dqkv, g.indptr, g.src, g.chunks)
-    _sparse_backward_sources(do, qkv, alpha, ds, dqkv, g.t_indptr, g.t_pos, g.t_dst, g.t_chunks)
-    return dqkv, (_input_order(ds, g) if has_bias else None)
+    _start_numba_threads()
+    idx, dqkv = _sparse_index(g), _packed(dq, dk, dv)                  # (N, 3, H, dh)
+    # ds (E, H): returned with a bias, else scratch kept between calls
+    ds = np.empty_like(alpha) if has_bias else _buffer("sparse ds", alpha.size, alpha.dtype)
+    ds = ds.reshape(alpha.shape)
+    _sparse_backward_targets(do, qkv, o, alpha, dqkv, ds, g.indptr, g.src, idx.chunks)
+    _sparse_backward_sources(do, qkv, alpha, ds, dqkv, idx.t_indptr, idx.t_pos, idx.t_dst,
+                             idx.t_chunks)
+    if not np.shares_memory(dqkv, dq):             # _packed made a copy: write it back
+        dq[:], dk[:], dv[:] = dqkv[:, 0], dqkv[:, 1], dqkv[:, 2]
+    return _input_order(ds, g) if has_bias else None
 
 
 def sparse_alpha(cache):
-    return _input_order(cache[2], cache[3])
-
-
-def _input_order(a, g):
-    """(E, H) from CSR order back to the graph's input edge order."""
-    out = np.empty_like(a)
-    out[g.perm] = a
-    return out
-
-
-# ---------------------------------------------------------------- dense
-# Per head: S = Q K^T / sqrt(dh) as one matmul, non-edges set to -inf by selection (never by
-# multiplying with 0, so a NaN at node j cannot reach a row that does not attend to j), softmax,
-# then P V. Heads run one at a time, so besides ex (H, N, N), kept for the backward, the work
-# needs one N x N scratch matrix. The probabilities are kept unnormalised, ex = exp(S - max)
-# with row sums den: the normalisation is applied to the (N, dh) side instead of dividing an
-# N x N matrix.
-
-def dense_bytes(g, n_heads, dtype, edge_bias=False):
-    """Bytes the dense backend needs beyond its (N, H, dh) arrays, for forward plus backward: ex
-    (H, N, N), kept for the backward, one (N, N) scratch matrix, the (N, N) float32 mask unless g is
-    complete, and with an edge bias its (E, H) gradient and the (E,) gathers of each head."""
-    n2, E, item = g.num_nodes ** 2, g.num_edges, np.dtype(dtype).itemsize
-    return ((n_heads + 1) * n2 * item + (0 if g.is_complete else 4 * n2)
-            + (E * (n_heads + 2) * item + 2 * E * 8 if edge_bias else 0))
-
-
-def available_bytes():
-    """Memory the OS can hand out now: MemAvailable on Linux, else free (or, on macOS, total) physical
-    memory; where none of these can be read (Windows), infinity, which turns the dense guard off."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
-            try:
-                return os.sysconf("SC_PAGE_SIZE") * os.sysconf(pages)
-            except (AttributeError, ValueError, OSError):
-                pass
-        return math.inf
-
-
-def dense_forward(qkv, bias, g):
-    q, k, v = qkv.transpose(1, 0, 2, 3)                             # (N, H, dh) views each
-    N, H, dh = q.shape
-    need, have = dense_bytes(g, H, q.dtype, bias is not None), available_bytes()
-    if need > have:
-        raise MemoryError(f"dense backend needs about {need / 2**30:.1f} GiB for its N x N work (N={N}, H={H}), "
-                          f"but {have / 2**30:.1f} GiB is available; use backend='sparse'")
-    mask = None if g.is_complete else g.dense_mask                  # (N, N) or None: a complete graph needs no mask
-    src, dst = g.edge_index
-    qs = q / math.sqrt(dh)                                          # (N, H, dh) scale folded into q: N*dh work, not N^2
-    ex = np.empty((H, N, N), q.dtype)                               # (H, N, N) kept for the backward on purpose
-    o = np.empty_like(q)                                            # (N, H, dh)
-    den = np.empty((N, H), q.dtype)                                 # (N, H) softmax row sums
-    for h in range(H):
-        s = ex[h]                                                   # (N, N) s[i, j], overwritten in place
-        np.matmul(qs[:, h], k[:, h].T, out=s)
-        if bias is not None:
-            s[dst, src] += bias[:, h]
-        if mask is not None:
-            np.fmin(s, mask, out=s)                                 # non-edges -> -inf, by selection
-        m = s.max(1, initial=-np.inf)                               # (N,) row max, subtracted for stability
-        m[m == -np.inf] = 0                                         # no edges (or all scores -inf): exp gives 0
-        s -= m[:, None]
-        np.exp(s, out=s)
-        den[:, h] = s.sum(1)
-        o[:, h] = _masked_matmul(s, v[:, h], mask)
-    np.maximum(den, 1, out=den)                                     # >= 1 unless a row is empty or all -inf: 0 / 1
-    o /= den[..., None]
-    return o, (qs, k, v, o, ex, den, g, bias is not None)
-
-
-def _masked_matmul(p, v, mask):
-    """p @ v, except that a non-finite v_j reaches only the rows i with an edge j -> i, as in the loops."""
-    bad = ~np.isfinite(v).all(1)                                    # (N,) sources whose v is inf or NaN
-    if mask is None or not bad.any():
-        return p @ v
-    out = p @ np.where(bad[:, None], 0, v)
-    hit = (mask[:, bad] > 0).any(1)                                 # rows that do attend to a bad source
-    out[hit] = p[hit] @ v
-    return out
-
-
-def dense_backward(do, cache):
-    qs, k, v, o, ex, den, g, has_bias = cache
-    N, H, dh = qs.shape
-    src, dst = g.edge_index
-    ks = k / math.sqrt(dh)                                          # (N, H, dh)
-    dqkv = np.empty((N, 3, H, dh), qs.dtype)                        # (N, 3, H, dh)
-    dq, dk, dv = dqkv.transpose(1, 0, 2, 3)                         # (N, H, dh) views each
-    ds_edges = np.empty((g.num_edges, H), qs.dtype) if has_bias else None   # (E, H)
-    do_n = do / den[..., None]                                      # (N, H, dh) dO / den: P = ex / den never formed
-    dot = (do_n * o).sum(-1)                                        # (N, H) sum_j P_ij dP_ij / den_i = <dO_i, o_i> / den_i
-    ds = np.empty((N, N), qs.dtype)                                 # (N, N) scratch, reused by every head
-    for h in range(H):
-        dv[:, h] = ex[h].T @ do_n[:, h]                             # o = P v
-        np.matmul(do_n[:, h], v[:, h].T, out=ds)                    # dP / den
-        ds -= dot[:, h, None]
-        ds *= ex[h]                                                 # softmax backward: dS = P * (dP - <dO, o>)
-        if has_bias:
-            ds_edges[:, h] = ds[dst, src]
-        dq[:, h] = ds @ ks[:, h]                                    # S = Q K^T / sqrt(dh)
-        dk[:, h] = ds.T @ qs[:, h]
-    return dqkv, ds_edges
-
-
-def dense_alpha(cache):
-    ex, den, g = cache[4], cache[5], cache[6]
-    src, dst = g.edge_index
-    return ex[:, dst, src].T / den[dst]                             # (E, H)
+    return _input_order(cache.alpha, cache.g)
 
 
 # ---------------------------------------------------------------- API
 
-_BACKENDS = {"naive": (naive_forward, naive_backward, naive_alpha),
-             "sparse": (sparse_forward, sparse_backward, sparse_alpha),
-             "dense": (dense_forward, dense_backward, dense_alpha)}
+Backend = namedtuple("Backend", "forward backward alpha")
+BACKENDS = {"naive": Backend(naive_forward, naive_backward, naive_alpha),
+            "dense": Backend(dense_forward, dense_backward, dense_alpha),
+            "sparse": Backend(sparse_forward, sparse_backward, sparse_alpha)}
 Cache = namedtuple("Cache", "backend x params o attention has_bias")
-_THREADPOOLS = ThreadpoolController()
 
 
-@contextlib.contextmanager
-def _matmul_around(backend):
-    """The matmul for the projections around a backend. Around sparse, BLAS keeps to one thread and
-    Python threads, as many as Numba's, split the products instead: idle OpenBLAS workers spin for
-    about 0.1 s after each call and take the cores that the kernels need next (measured here: the
-    sparse forward took 24 ms right after a 2-thread matmul and 12.7 ms without one), while idle
-    Python threads sleep."""
-    if backend != "sparse":
-        yield np.matmul
-        return
-    with _THREADPOOLS.limit(limits=1, user_api="blas"):
-        yield _split_matmul
+def forward(x, g, params, backend="auto", edge_bias=None):
+    """y (N, D) and a cache for backward. edge_bias (E, H), in g's input edge order, is added to
+    the scores. backend="auto" takes choose_backend's pick; cache.backend records it."""
+    if not isinstance(g, Graph):
+        raise TypeError(f"g must be a Graph, got {type(g).__name__}")
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown backend {backend!r}; valid backends are "
+                         f"{', '.join(BACKENDS)} and auto")
+    x = _as_float_array("x", x)
+    if x.ndim != 2 or x.shape[0] != g.num_nodes:
+        raise ValueError(f"x must have shape (num_nodes={g.num_nodes}, D), got {x.shape}")
+    p = _check_params(params, x.shape[1], x.dtype)
+    N, (H, dh, D) = len(x), p["Wo"].shape
+    if edge_bias is not None:
+        edge_bias = _as_float_array("edge_bias", edge_bias, x.dtype, (g.num_edges, H))
+    if backend == "auto":
+        backend = choose_backend(g, H, dh, x.dtype, edge_bias is not None)[0]
+    with _one_blas_thread():
+        q, k, v = _project(x, p, _split_matmul)                        # (N, H, dh) each
+        o, attention = BACKENDS[backend].forward(q, k, v, edge_bias, g)
+        y = _split_matmul(o.reshape(N, H * dh), p["Wo"].reshape(H * dh, D))   # y = o Wo + bo
+        y += p["bo"]
+    return y, Cache(backend, x, p, o, attention, edge_bias is not None)
 
 
-@cache
-def _python_threads(n):
-    return ThreadPoolExecutor(n)
+def backward(dy, cache):
+    """dx (N, D) and grads, a dict with the keys of params (and "edge_bias" if forward had one).
+    The cache holds x and params by reference: change them in place only after backward."""
+    _check_cache(cache)
+    backend, x, p, o, attention, has_bias = cache
+    dy = _as_float_array("dy", dy, x.dtype, x.shape)
+    N, (H, dh, D) = len(x), p["Wo"].shape
+    with _one_blas_thread():
+        # backward of y = o Wo + bo
+        grads = {"Wo": _split_matmul(o.reshape(N, H * dh).T, dy).reshape(H, dh, D), "bo": dy.sum(0)}
+        do = _split_matmul(dy, p["Wo"].reshape(H * dh, D).T, _buffer("do", N * H * dh, dy.dtype))
+        do = do.reshape(N, H, dh)
+        # backward of the attention, into the (N, 3, H, dh) gradients of q, k, v
+        dqkv = _buffer("dqkv", 3 * N * H * dh, dy.dtype).reshape(N, 3, H, dh)
+        ds = BACKENDS[backend].backward(do, attention, dqkv[:, 0], dqkv[:, 1], dqkv[:, 2])
+        if has_bias:
+            grads["edge_bias"] = ds                                     # s = ... + edge_bias
+        dx = _project_backward(dqkv, x, p, grads, _split_matmul)
+    return dx, grads
 
 
-if hasattr(os, "register_at_fork"):                                # POSIX only
-    os.register_at_fork(after_in_child=_python_threads.cache_clear)  # a forked child has none of the threads
+def attention_weights(cache):
+    """alpha (E, H) in the graph's input edge order."""
+    _check_cache(cache)
+    return BACKENDS[cache.backend].alpha(cache.attention)
 
 
-def _split_matmul(a, b, max_blocks=4, min_work=2**23):
-    """a @ b by blocks, on as many Python threads as Numba has. The longer of a's rows (M) and the
-    summed dimension (K) is cut into up to max_blocks blocks of at least min_work multiply-adds (fewer
-    would cost more in hand-offs than they save), a number fixed by the shapes alone, so the result
-    does not depend on the thread count. Blocks of rows fill their rows of the output; blocks of the
-    sum (a.T @ dy, a weight gradient summed over N) give products that are added in order."""
-    (M, K), n = a.shape, nb.get_num_threads()
-    L, blocks = max(M, K), max(1, min(max_blocks, M * K * b.shape[1] // min_work))
-    cuts = [slice(c * L // blocks, (c + 1) * L // blocks) for c in range(blocks)]
-    run = _python_threads(n).map if n > 1 and blocks > 1 else map
-    if M < K:
-        return sum(run(lambda part: a[:, part] @ b[part], cuts))
-    out = np.empty((M, b.shape[1]), np.result_type(a, b))          # (M, b's columns)
-    for _ in run(lambda rows: np.matmul(a[rows], b, out=out[rows]), cuts):
-        pass                                                        # each block writes its rows of out
-    return out
+# Seconds per unit of work, float32 on 2 cores, fitted to bench.py's rows (see choose_backend).
+# dense: per (row, column) pair of its blocks and head, plus per (pair, head, dh); sparse: per
+# (edge, head), plus per (edge, head, dh). float64 costs about twice as much in both.
+COST = dict(dense_pair=0.35e-9, dense_mac=0.045e-9, dense_block=60e-6,
+            sparse_edge=2.5e-9, sparse_mac=0.5e-9, sparse_node=15e-9)
+
+
+def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
+    """("dense" or "sparse", {backend: estimated seconds of the attention, forward plus backward}).
+    Dense pays for every (row, column) pair of its blocks, sparse for every edge, and sparse pays
+    more per unit (gathers instead of matmuls). A backend whose memory does not fit gets inf, so
+    auto never picks one that would raise MemoryError while the other fits."""
+    H, dh, item = n_heads, d_head, np.dtype(dtype).itemsize
+    blocks = dense_blocks(g)
+    pairs = sum((b.rows.stop - b.rows.start) * _ncols(b) for b in blocks)
+    c = COST
+    cost = {"dense": item / 4 * H * pairs * (c["dense_pair"] + dh * c["dense_mac"])
+            + len(blocks) * c["dense_block"] * (1 + 2 * edge_bias),
+            "sparse": item / 4 * (H * g.num_edges * (c["sparse_edge"] + dh * c["sparse_mac"])
+                                  + g.num_nodes * c["sparse_node"])}
+    have = available_bytes()
+    if dense_bytes(g, H, dtype, edge_bias) > have:
+        cost["dense"] = math.inf
+    if (g.num_edges * (H * item + 40) + 3 * g.num_nodes * H * dh * item) > have:  # alpha, index
+        cost["sparse"] = math.inf
+    return min(cost, key=cost.get), cost
 
 
 def _as_float_array(name, a, dtype=None, shape=None):
@@ -590,7 +852,10 @@ def _as_float_array(name, a, dtype=None, shape=None):
     if a.dtype not in FLOATS:
         raise ValueError(f"{name} must be float32 or float64, got dtype {a.dtype}")
     if dtype is not None and a.dtype != dtype:
-        raise ValueError(f"{name} has dtype {a.dtype} but x has {dtype}: all arrays must share one float dtype")
+        fix = (f"init_params(..., dtype=np.{dtype})" if name.startswith("params")
+               else f"{name}.astype(np.{dtype})")
+        raise ValueError(f"{name} has dtype {a.dtype} but x has {dtype}: all arrays must share "
+                         f"one float dtype; use {fix}")
     if shape is not None and a.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
     return a
@@ -604,58 +869,215 @@ def _check_params(params, D, dtype):
         raise ValueError(f"params is missing {missing}")
     Wq = np.asarray(params["Wq"])
     if Wq.ndim != 3 or Wq.shape[0] != D:
-        raise ValueError(f"x has D={D} features but params['Wq'] has shape {Wq.shape}: Wq must be (D, H, dh)")
+        raise ValueError(f"x has D={D} features but params['Wq'] has shape {Wq.shape}: "
+                         f"Wq must be (D, H, dh)")
     _, H, dh = Wq.shape
-    shapes = dict(Wq=(D, H, dh), Wk=(D, H, dh), Wv=(D, H, dh), bq=(H, dh), bk=(H, dh), bv=(H, dh),
-                  Wo=(H, dh, D), bo=(D,))
-    return {key: _as_float_array(f"params['{key}']", params[key], dtype, shape) for key, shape in shapes.items()}
-
-
-def forward(x, g, params, backend="dense", edge_bias=None):
-    """y (N, D) and a cache for backward. edge_bias (E, H), in g's input edge order, is added to the scores."""
-    if not isinstance(g, Graph):
-        raise TypeError(f"g must be a Graph, got {type(g).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends are {', '.join(BACKENDS)}")
-    x = _as_float_array("x", x)
-    if x.ndim != 2 or x.shape[0] != g.num_nodes:
-        raise ValueError(f"x must have shape (num_nodes={g.num_nodes}, D), got {x.shape}")
-    p = _check_params(params, x.shape[1], x.dtype)
-    if edge_bias is not None:
-        edge_bias = _as_float_array("edge_bias", edge_bias, x.dtype, (g.num_edges, p["Wq"].shape[1]))
-    N, (H, dh, D) = len(x), p["Wo"].shape
-    with _matmul_around(backend) as matmul:
-        qkv = _project(x, p, matmul)                                # (N, 3, H, dh)
-        o, attention = _BACKENDS[backend][0](qkv, edge_bias, g)     # (N, H, dh)
-        y = matmul(o.reshape(N, H * dh), p["Wo"].reshape(H * dh, D))   # (N, D) y = o Wo + bo
-        y += p["bo"]
-    return y, Cache(backend, x, p, o, attention, edge_bias is not None)
+    shapes = dict(Wq=(D, H, dh), Wk=(D, H, dh), Wv=(D, H, dh), bq=(H, dh), bk=(H, dh),
+                  bv=(H, dh), Wo=(H, dh, D), bo=(D,))
+    return {key: _as_float_array(f"params['{key}']", params[key], dtype, shape)
+            for key, shape in shapes.items()}
 
 
 def _check_cache(cache):
     if not isinstance(cache, Cache):
-        raise TypeError(f"cache must be the second value forward returned, got {type(cache).__name__}")
+        raise TypeError(f"cache must be the second value forward returned, "
+                        f"got {type(cache).__name__}")
 
 
-def backward(dy, cache):
-    """dx (N, D) and grads, a dict with the keys of params (plus "edge_bias" if forward had one).
-    The cache holds x and params by reference, as cs231n's layers do: change them in place only after."""
-    _check_cache(cache)
-    backend, x, p, o, attention, has_bias = cache
-    dy = _as_float_array("dy", dy, x.dtype, x.shape)
-    N, (H, dh, D) = len(x), p["Wo"].shape
-    with _matmul_around(backend) as matmul:
-        grads = {"Wo": matmul(o.reshape(N, H * dh).T, dy).reshape(H, dh, D),   # y = o Wo + bo
-                 "bo": dy.sum(0)}
-        do = matmul(dy, p["Wo"].reshape(H * dh, D).T).reshape(N, H, dh)       # (N, H, dh)
-        dqkv, ds = _BACKENDS[backend][1](do, attention)             # (N, 3, H, dh)
-        if has_bias:
-            grads["edge_bias"] = ds                                 # s = ... + edge_bias
-        dx = _project_backward(dqkv, x, p, grads, matmul)
-    return dx, grads
+# ---------------------------------------------------------------- positional encodings
+
+def sinusoidal_pe(n, d):
+    """(n, d) encodings of Vaswani et al. (2017): PE[p, 2i] = sin(p / 10000^(2i/d)),
+    PE[p, 2i+1] = cos(same)."""
+    angle = np.arange(n)[:, None] / 10000 ** (np.arange(0, d, 2) / d)  # (n, ceil(d/2))
+    pe = np.empty((n, d))
+    pe[:, 0::2], pe[:, 1::2] = np.sin(angle), np.cos(angle[:, : d // 2])
+    return pe
 
 
-def attention_weights(cache):
-    """alpha (E, H) in the graph's input edge order."""
-    _check_cache(cache)
-    return _BACKENDS[cache.backend][2](cache.attention)
+def laplacian_pe(g, k, rng=None):
+    """(N, k) Laplacian eigenvector encodings (Dwivedi & Bresson 2020).
+
+    Eigenvectors of L = I - D^-1/2 A D^-1/2 on the undirected version of g, self-loops ignored,
+    in ascending eigenvalue order, the first one dropped. An isolated node has D^-1/2 = 0, so its
+    row of L is the identity's: its indicator is an eigenvector, eigenvalue 1. Sign: each
+    column's entry of largest magnitude is positive (the first on ties); with an rng, column
+    signs are then flipped at random, as in training. Columns past the N - 1 the graph has are 0.
+    A dense eigendecomposition: O(N^3) time and about 4 N^2 floats of memory.
+    """
+    if not isinstance(g, Graph):
+        raise TypeError(f"g must be a Graph, got {type(g).__name__}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"k must be an int >= 0, got {k!r}")
+    N = g.num_nodes
+    need, have = 4 * 8 * N * N, available_bytes()                      # A, L, eigh's U and work
+    if need > have:
+        raise MemoryError(f"laplacian_pe: a dense eigendecomposition of the {N} x {N} Laplacian "
+                          f"needs about {need / 2**30:.1f} GiB, but {have / 2**30:.1f} GiB is "
+                          f"available")
+    src, dst = g.edge_index
+    A = np.zeros((N, N))                                                # (N, N) symmetric
+    A[dst, src] = A[src, dst] = 1
+    np.fill_diagonal(A, 0)
+    deg = A.sum(1)
+    d = np.divide(1, np.sqrt(deg), out=np.zeros(N), where=deg > 0)     # (N,) D^-1/2, 0 if isolated
+    _, U = np.linalg.eigh(np.eye(N) - d[:, None] * A * d[None, :])     # ascending eigenvalues
+    U = U[:, 1:k + 1]                                                   # (N, min(k, N-1))
+    if U.size:
+        U = U * np.sign(U[np.abs(U).argmax(0), np.arange(U.shape[1])])
+    if rng is not None:
+        U = U * np.random.default_rng(rng).choice([-1.0, 1.0], U.shape[1])
+    return np.pad(U, ((0, 0), (0, k - U.shape[1])))
+
+
+# ---------------------------------------------------------------- systems plumbing
+# What serves speed but teaches nothing about attention: threads, BLAS limits, prefetch hints,
+# the memory reading behind the MemoryError guards.
+
+def available_bytes():
+    """Memory the OS can hand out now (psutil: MemAvailable on Linux, its equivalents elsewhere)."""
+    return psutil.virtual_memory().available
+
+
+def _balanced_chunks(indptr, n_chunks=64):
+    """(<= n_chunks+1,) bounds of node ranges of about equal work (edges + nodes), so that many
+    hubs spread over the threads. A node is never split."""
+    work = indptr + np.arange(indptr.size)                              # (N+1,) increasing
+    return np.unique(np.searchsorted(work, np.linspace(0, work[-1], n_chunks + 1)))
+
+
+_AHEAD, _LINE = 8, 64                                   # edges prefetched ahead; cache line bytes
+
+
+@intrinsic
+def _prefetch(typingctx, a, i, offset):
+    """Starts loading the cache line at byte `offset` of row a[i] (LLVM's prefetch): a hint only."""
+    def codegen(context, builder, sig, args):
+        arr = context.make_array(sig.args[0])(context, builder, args[0])
+        index = [args[1]] + [context.get_constant(nb.types.intp, 0)] * (sig.args[0].ndim - 1)
+        row = cgutils.get_item_pointer(context, builder, sig.args[0], arr, index)
+        byte = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            ir.VoidType(), [byte] + [ir.IntType(32)] * 3), "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.gep(builder.bitcast(row, byte), [args[2]])]  # read, keep, data
+                     + [ir.Constant(ir.IntType(32), c) for c in (0, 3, 1)])
+        return context.get_dummy_value()
+    return nb.types.void(a, i, offset), codegen
+
+
+@nb.njit(inline="always")
+def _prefetch_bytes(a, i, start, stop):
+    for b in range(start, stop, _LINE):                 # bytes start:stop of row a[i]
+        _prefetch(a, i, b)
+    _prefetch(a, i, stop - 1)                           # the last line, when rows are not aligned
+
+
+@intrinsic
+def _float_from_bits(typingctx, i):
+    """The float32 (float64) whose bits are those of the int32 (int64) i."""
+    ret = {nb.types.int32: nb.types.float32, nb.types.int64: nb.types.float64}[i]
+    return ret(i), lambda context, builder, sig, args: builder.bitcast(
+        args[0], context.get_value_type(ret))
+
+
+def _exp(x):
+    """exp(x) for x <= 0 (or NaN) inside Numba kernels, written so that LLVM vectorises it:
+    Numba's np.exp calls libm one value at a time (the registry's llvmlite has no SVML)."""
+
+
+def _exp_impl(t, it, mantissa, bias, lowest, ln2_hi, ln2_lo, degree):
+    """exp in float type t: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial of
+    the given degree, 2^n written into the exponent bits; 0 below the smallest normal float."""
+    coefs = tuple(1 / math.factorial(d) for d in range(degree, -1, -1))
+
+    def exp(x):
+        n = np.floor(x * t(1 / math.log(2)) + t(0.5))
+        r = (x - n * t(ln2_hi)) - n * t(ln2_lo)
+        p = t(0)
+        for c in coefs:
+            p = p * r + t(c)
+        n = n if n > t(lowest) else t(lowest)          # a valid exponent, even for -inf and NaN
+        e = p * _float_from_bits(it((np.int64(n) + bias) << mantissa))
+        return e if x >= t(lowest * math.log(2)) else (x if x != x else t(0))
+    return exp
+
+
+@overload(_exp, inline="always")
+def _exp_overload(x):
+    return {nb.types.float32: _exp_impl(np.float32, np.int32, 23, 127, -126, 0.693359375,
+                                        -2.12194440e-4, 7),
+            nb.types.float64: _exp_impl(np.float64, np.int64, 52, 1023, -1022,
+                                        6.93147180369123816490e-01, 1.90821492927058770002e-10,
+                                        13)}.get(x)
+
+
+@cache
+def _start_numba_threads():
+    """Starts Numba's threads with OMP_WAIT_POLICY=passive (unless set), then restores the
+    environment: idle OpenMP threads then sleep instead of spinning on the cores that the
+    Python threads around the kernels need next. Only Numba's OpenMP runtime reads it here."""
+    before = os.environ.get("OMP_WAIT_POLICY")
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    try:
+        nb.np.ufunc.parallel._launch_threads()
+    finally:
+        if before is None:
+            del os.environ["OMP_WAIT_POLICY"]
+
+
+_BLAS = ThreadpoolController()
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """BLAS on one thread while gtx runs: Python threads, as many as Numba's, split the work
+    instead. Idle BLAS threads spin after each call on the cores that the next step needs;
+    idle Python threads sleep."""
+    with _BLAS.limit(limits=1, user_api="blas"):
+        yield
+
+
+@cache
+def _python_threads(n):
+    return ThreadPoolExecutor(n)
+
+
+if hasattr(os, "register_at_fork"):                    # POSIX: a forked child has no threads
+    os.register_at_fork(after_in_child=_python_threads.cache_clear)
+
+
+_THREAD = threading.local()
+
+
+def _buffer(key, n, dtype):
+    """n elements of dtype from a buffer this thread keeps, per key, between calls (grown when
+    too small): big temporaries allocated afresh each call pay page faults, since glibc hands
+    large freed blocks back to the OS. Valid until the next call with that key in this thread."""
+    bufs, nbytes = _THREAD.__dict__.setdefault("bufs", {}), n * np.dtype(dtype).itemsize
+    if key not in bufs or bufs[key].size < nbytes:
+        bufs[key] = np.empty(nbytes, np.uint8)
+    return bufs[key][:nbytes].view(dtype)
+
+
+def _map_threads(fn, items):
+    """list(map(fn, items)), on as many Python threads as Numba has."""
+    n = nb.get_num_threads()
+    return list(_python_threads(n).map(fn, items) if n > 1 and len(items) > 1 else map(fn, items))
+
+
+def _split_matmul(a, b, out=None, max_blocks=4, min_work=2**23):
+    """a @ b (into out, if given) by blocks on Python threads. The longer of a's rows (M) and
+    the summed dimension (K) is cut into up to max_blocks blocks of at least min_work
+    multiply-adds, a number fixed by the shapes alone, so that the result does not depend on
+    the thread count. Blocks of rows fill their rows of the output; blocks of the sum give
+    products that are added in order."""
+    (M, K), n = a.shape, b.shape[1]
+    L, blocks = max(M, K), max(1, min(max_blocks, M * K * n // min_work))
+    cuts = [slice(c * L // blocks, (c + 1) * L // blocks) for c in range(blocks)]
+    out = np.empty((M, n), np.result_type(a, b)) if out is None else out.reshape(M, n)
+    if M < K:
+        parts = _buffer("split_matmul", blocks * M * n, out.dtype).reshape(blocks, M, n)
+        _map_threads(lambda c: np.matmul(a[:, cuts[c]], b[cuts[c]], out=parts[c]), range(blocks))
+        return np.add.reduce(parts, 0, out=out)
+    _map_threads(lambda rows: np.matmul(a[rows], b, out=out[rows]), cuts)
+    return out
