@@ -100,16 +100,15 @@ class Graph:
     @cached_property
     def edge_index(self):
         """(2, E); for a structured graph built on first use, 16 E bytes."""
-        lo, hi = self.ranges
-        width = hi - lo                                          # (N,)
-        dst = np.repeat(np.arange(self.num_nodes), width)       # (E,) concatenated ranges
-        src = np.arange(dst.size) - np.repeat(np.cumsum(width) - width - lo, width)
-        keep = slice(None) if self.self_loops else src != dst
-        return _read_only(np.stack([src[keep], dst[keep]]))
+        return _read_only(np.stack([self.src, np.repeat(np.arange(self.num_nodes), np.diff(self.indptr))]))
 
     @cached_property
     def src(self):
-        return self.edge_index[0]                   # a structured graph lists its edges in CSR order
+        """(E,) sources in CSR order; for a structured graph, its ranges laid end to end."""
+        lo, hi = self.ranges
+        width = hi - lo                                                 # (N,)
+        src = np.arange(width.sum()) - np.repeat(np.cumsum(width) - width - lo, width)
+        return src if self.self_loops else src[src != np.repeat(np.arange(self.num_nodes), width)]
 
     @cached_property
     def perm(self):
@@ -348,14 +347,16 @@ def naive_alpha(cache):
 # own key and value gradients, and the lanes are added in order.
 Block = namedtuple("Block", "rows cols ragged")     # slice; slice or sorted array; slice or None
 DenseCache = namedtuple("DenseCache", "q k v o lse bias g block_rows bad")
-BLOCK_ROWS = 256
 
 
-def dense_blocks(g, block_rows=BLOCK_ROWS):
+def dense_blocks(g, block_rows=None):
     """The blocks of target rows, built once per graph: rows (a slice of targets), cols (the
     sources they attend to: a slice, or a sorted array for a general graph) and ragged (the
     columns, within cols, where some pair is not an edge; None when all pairs are edges).
-    Blocks keep the graphs of a batch whole where they fit in block_rows."""
+    Blocks keep the graphs of a batch whole where they fit in block_rows. By default 256 rows
+    where targets have 256 in-edges or more on average, else 128: bigger blocks make bigger
+    matmuls, smaller ones waste less on narrow windows and small graphs."""
+    block_rows = block_rows or (256 if g.num_edges >= 256 * g.num_nodes else 128)
     return g.derived(("dense", block_rows), lambda: list(_plan_blocks(g, block_rows)))
 
 
@@ -382,14 +383,14 @@ def _plan_blocks(g, R):
         yield Block(rows, slice(c0, c1), ragged)
 
 
-def dense_bytes(g, n_heads, dtype, edge_bias=False, block_rows=BLOCK_ROWS):
+def dense_bytes(g, n_heads, dtype, edge_bias=False, block_rows=None):
     """Bytes the dense backend needs beyond its (N, H, dh) arrays, forward plus backward: per
     thread, three (H, rows, cols) blocks of scratch and its own key and value gradients; with an
     edge bias, its (E, H) copy and gradient too."""
     blocks, item = dense_blocks(g, block_rows), np.dtype(dtype).itemsize
     cells = max([(b.rows.stop - b.rows.start) * _ncols(b) for b in blocks], default=0)
     per_thread = (3 + edge_bias) * n_heads * cells * item + 2 * g.num_nodes * item * 64
-    return nb.get_num_threads() * per_thread + 2 * edge_bias * g.num_edges * n_heads * item
+    return _threads() * per_thread + 2 * edge_bias * g.num_edges * n_heads * item
 
 
 def _ncols(b):
@@ -414,11 +415,11 @@ def _edge_mask(g, b, cols):
     return mask if g.self_loops else mask & (cols != rows)
 
 
-def _scores(q_b, kt, bias, g, b, s):
-    """s (H, R, C) = q_b kt[:, :, cols]: the scores of block b's rows against its columns, then
-    + bias at edges and -inf at non-edges. q_b (H, R, dh) holds the rows' q / sqrt(dh), kt
-    (H, dh, N) is k heads-first and transposed."""
-    np.matmul(q_b, kt[:, :, b.cols], out=s)
+def _scores(q_b, kh, bias, g, b, s):
+    """s (H, R, C) = q_b kh[:, cols]^T: the scores of block b's rows against its columns, then
+    + bias at edges and -inf at non-edges. q_b (H, R, dh) holds the rows' q / sqrt(dh), kh
+    (H, N, dh) is k heads-first."""
+    np.matmul(q_b, kh[:, b.cols].transpose(0, 2, 1), out=s)
     if bias is not None:            # bias at edges, -inf elsewhere: s is finite here, see _split
         tile = _buffer("dense tile", s.size, s.dtype).reshape(s.shape)
         tile[:] = -np.inf
@@ -458,24 +459,24 @@ def _nonfinite(*arrays, bad=None):
 
 
 def dense_forward(q, k, v, bias, g, block_rows=None):
-    (N, H, dh), block_rows = q.shape, block_rows or BLOCK_ROWS
+    N, H, dh = q.shape
     need, have = dense_bytes(g, H, q.dtype, bias is not None, block_rows), available_bytes()
     if need > have:
-        raise MemoryError(f"dense backend needs about {need / 2**30:.1f} GiB for blocks of "
-                          f"{block_rows} rows (N={N}, H={H}), but {have / 2**30:.1f} GiB is "
-                          f"available; use smaller block_rows or backend='sparse'")
+        raise MemoryError(f"dense backend needs about {need / 2**30:.1f} GiB for its blocks "
+                          f"(N={N}, H={H}), but {have / 2**30:.1f} GiB is available; use "
+                          f"smaller block_rows or backend='sparse'")
     bias = _to_csr(bias, g)                        # (E, H) blocks read their edges in CSR order
     o, lse = np.empty_like(q), np.empty((N, H), q.dtype)                # (N, H, dh), (N, H)
     bad = _nonfinite(q, k, v)
     blocks = _split(dense_blocks(g, block_rows), g, bad)
-    kt, vh = _heads_first(k, "kt", transpose=True), _heads_first(v, "vh")   # (H, dh, N), (H, N, dh)
+    kh, vh = _heads_first(k, "kh"), _heads_first(v, "vh")              # (H, N, dh) each
 
     def lane(blocks):
         shapes = lambda R, C: [(H, R, C), (H, R, dh), (H, R, dh)]
         for b, (s, q_b, o_b) in _buffers(blocks, q.dtype, shapes):
             # pass 1: scores, -inf at non-edges
             np.multiply(q[b.rows].transpose(1, 0, 2), 1 / math.sqrt(dh), out=q_b)
-            _scores(q_b, kt, bias, g, b, s)                              # (H, R, C)
+            _scores(q_b, kh, bias, g, b, s)                              # (H, R, C)
             # pass 2: softmax over each row's edges: max subtracted for stability, empty rows 0
             m = s.max(-1, initial=-np.inf)                               # (H, R)
             m[m == -np.inf] = 0
@@ -495,10 +496,9 @@ def dense_backward(do, cache, dq, dk, dv):
     N, H, dh = q.shape
     ds_edges = None if bias is None else np.empty_like(bias)            # (E, H) CSR order
     lanes = _lanes(_split(dense_blocks(g, block_rows), g, _nonfinite(o, do, bad=bad)))
-    # With a last row of ones, [q / sqrt(dh), -lse] kt is s - lse and [do, -delta] vt is
-    # dP - delta: each subtraction rides in its matmul instead of a pass over (H, R, C).
-    kt, vt = (_heads_first(a, key, transpose=True, ones=True) for a, key in ((k, "kt"), (v, "vt")))
-    kh = _heads_first(k, "kh")                                          # (H, N, dh)
+    # With a last column of ones, [q / sqrt(dh), -lse] kh^T is s - lse and [do, -delta] vh^T
+    # is dP - delta: each subtraction rides in its matmul instead of a pass over (H, R, C).
+    kh, vh = _heads_first(k, "kh", ones=True), _heads_first(v, "vh", ones=True)   # (H, N, dh + 1)
     # every lane sums its own dk, dv, heads first; they are added in lane order at the end
     acc = _buffer("dense dk dv", len(lanes) * 2 * dk.size, q.dtype).reshape(len(lanes), 2, H, N, dh)
 
@@ -510,12 +510,12 @@ def dense_backward(do, cache, dq, dk, dv):
             # recompute pass 2's P = exp(s - lse) from pass 1's scores
             np.multiply(q[b.rows].transpose(1, 0, 2), 1 / math.sqrt(dh), out=q_b[..., :dh])
             q_b[..., dh] = -lse[b.rows].T
-            _scores(q_b, kt, bias, g, b, s)                              # (H, R, C) s - lse
+            _scores(q_b, kh, bias, g, b, s)                              # (H, R, C) s - lse
             # backward of pass 3, o = P V: dP = do V^T (here less delta = sum_j P dP = <do, o>)
             do_b[..., :dh] = do[b.rows].transpose(1, 0, 2)
             np.einsum("rhd,rhd->hr", do[b.rows], o[b.rows], out=do_b[..., dh])
             do_b[..., dh] *= -1
-            np.matmul(do_b, vt[:, :, b.cols], out=dp)                    # (H, R, C) dP - delta
+            np.matmul(do_b, vh[:, b.cols].transpose(0, 2, 1), out=dp)    # (H, R, C) dP - delta
             # backward of pass 2, the softmax: dS = P (dP - delta), with P = exp(s - lse)
             _exp_times(s, dp)                          # s = P, dp = dS
             p, ds = s, dp                                                # (H, R, C) each
@@ -527,7 +527,7 @@ def dense_backward(do, cache, dq, dk, dv):
             # backward of pass 1: s = q k^T / sqrt(dh)
             np.matmul(ds.transpose(0, 2, 1), q_b[..., :dh], out=t_c)
             dk_l[:, b.cols] += t_c
-            np.matmul(ds, kh[:, b.cols], out=do_b[..., :dh])            # do_b's buffer: dq
+            np.matmul(ds, kh[:, b.cols, :dh], out=do_b[..., :dh])       # do_b's buffer: dq
             do_b[..., :dh] *= 1 / math.sqrt(dh)
             dq[b.rows] = do_b[..., :dh].transpose(1, 0, 2)
     _map_threads(lane, range(len(lanes)))
@@ -545,28 +545,24 @@ def dense_alpha(cache):
     q, k, v, o, lse, bias, g, block_rows, bad = cache
     N, H, dh = q.shape
     alpha = np.empty((g.num_edges, H), q.dtype)                         # (E, H) CSR order
-    kt = _heads_first(k, "kt", transpose=True)
+    kh = _heads_first(k, "kh")
     for b, (s, q_b) in _buffers(dense_blocks(g, block_rows), q.dtype,
                                 lambda R, C: [(H, R, C), (H, R, dh)]):
         np.multiply(q[b.rows].transpose(1, 0, 2), 1 / math.sqrt(dh), out=q_b)
-        p = np.exp(_scores(q_b, kt, bias, g, b, s) - lse[b.rows].T[..., None])
+        p = np.exp(_scores(q_b, kh, bias, g, b, s) - lse[b.rows].T[..., None])
         r, c = np.nonzero(_edge_mask(g, b, _cols(b)))          # P at edges only: no 0 * NaN
         alpha[g.indptr[b.rows.start]:g.indptr[b.rows.stop]] = p[:, r, c].T
     return _input_order(alpha, g)
 
 
-def _heads_first(a, key, transpose=False, ones=False):
-    """a (N, H, dh) as (H, N, dh), or transposed as (H, dh, N) with a last row of ones if asked,
-    in a reused buffer: the block matmuls then read rows that lie contiguously."""
+def _heads_first(a, key, ones=False):
+    """a (N, H, dh) as (H, N, dh), with a last column of ones if asked, in a reused buffer: the
+    block matmuls then read each head's rows contiguously."""
     N, H, dh = a.shape
-    out = _buffer("dense " + key, H * N * (dh + ones), a.dtype)
-    out = out.reshape((H, dh + ones, N) if transpose else (H, N, dh))
+    out = _buffer("dense " + key, H * N * (dh + ones), a.dtype).reshape(H, N, dh + ones)
 
     def copy(h):                                                        # a head per thread
-        if transpose:
-            out[h, :dh], out[h, dh:] = a[:, h].T, 1
-        else:
-            out[h] = a[:, h]
+        out[h, :, :dh], out[h, :, dh:] = a[:, h], 1
     _map_threads(copy, range(H))
     return out
 
@@ -609,7 +605,7 @@ def _buffers(blocks, dtype, shapes):
 
 def _lanes(blocks):
     """The blocks in contiguous runs of about equal work (rows x columns), one per thread."""
-    n = nb.get_num_threads()
+    n = _threads()
     work = np.cumsum([(b.rows.stop - b.rows.start) * _ncols(b) for b in blocks] or [0])
     cuts = [0, *np.searchsorted(work, work[-1] * np.arange(1, n) / n, "right"), len(blocks)]
     return [blocks[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
@@ -625,6 +621,13 @@ def _lanes(blocks):
 # predict: each asks for the rows of the edge _AHEAD positions on (see _prefetch at the end).
 SparseCache = namedtuple("SparseCache", "qkv o alpha g has_bias")
 SparseIndex = namedtuple("SparseIndex", "chunks t_indptr t_pos t_dst t_chunks")
+
+
+def sparse_bytes(g, n_heads, dtype, edge_bias=False):
+    """Bytes the sparse backend needs beyond its (N, H, dh) arrays: alpha and ds (E, H), with a
+    bias its copy in CSR order, and the graph's index arrays (CSR, transpose, edge list of a
+    structured graph): about 48 bytes per edge, built once per graph."""
+    return g.num_edges * ((2 + edge_bias) * n_heads * np.dtype(dtype).itemsize + 48)
 
 
 def _sparse_index(g):
@@ -819,31 +822,32 @@ def attention_weights(cache):
     return BACKENDS[cache.backend].alpha(cache.attention)
 
 
-# Seconds per unit of work, float32 on 2 cores, fitted to bench.py's rows (see choose_backend).
-# dense: per (row, column) pair of its blocks and head, plus per (pair, head, dh); sparse: per
-# (edge, head), plus per (edge, head, dh). float64 costs about twice as much in both.
-COST = dict(dense_pair=0.35e-9, dense_mac=0.045e-9, dense_block=60e-6,
-            sparse_edge=2.5e-9, sparse_mac=0.5e-9, sparse_node=15e-9)
+# Seconds, fitted to the attention alone (forward plus backward, float32, 2 threads, one 2-core
+# Xeon) timed on 28 graphs, bench.py's workloads among them. Each backend pays per call and per
+# unit of work; float64 costs both backends about twice as much, so it scales the work terms.
+COST = dict(dense_call=1.0e-3, dense_block=2.8e-4, dense_pair=2.9e-9, dense_mac=4.8e-11,
+            dense_masked_pair=3.5e-9, dense_general_edge=7.6e-8,
+            sparse_call=1.7e-4, sparse_edge=1.0e-8, sparse_mac=4.3e-10, sparse_node=2.6e-7)
 
 
 def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
     """("dense" or "sparse", {backend: estimated seconds of the attention, forward plus backward}).
-    Dense pays for every (row, column) pair of its blocks, sparse for every edge, and sparse pays
-    more per unit (gathers instead of matmuls). A backend whose memory does not fit gets inf, so
-    auto never picks one that would raise MemoryError while the other fits."""
-    H, dh, item = n_heads, d_head, np.dtype(dtype).itemsize
+    Dense pays for every (row, column) pair of its blocks and per block; sparse pays for every
+    edge, and more per unit: gathers instead of matmuls. A backend whose memory does not fit gets
+    inf, so auto never picks one that would raise MemoryError while the other fits."""
+    H, dh, c, scale = n_heads, d_head, COST, np.dtype(dtype).itemsize / 4
     blocks = dense_blocks(g)
-    pairs = sum((b.rows.stop - b.rows.start) * _ncols(b) for b in blocks)
-    c = COST
-    cost = {"dense": item / 4 * H * pairs * (c["dense_pair"] + dh * c["dense_mac"])
-            + len(blocks) * c["dense_block"] * (1 + 2 * edge_bias),
-            "sparse": item / 4 * (H * g.num_edges * (c["sparse_edge"] + dh * c["sparse_mac"])
-                                  + g.num_nodes * c["sparse_node"])}
-    have = available_bytes()
-    if dense_bytes(g, H, dtype, edge_bias) > have:
-        cost["dense"] = math.inf
-    if (g.num_edges * (H * item + 40) + 3 * g.num_nodes * H * dh * item) > have:  # alpha, index
-        cost["sparse"] = math.inf
+    size = lambda b, cols: (b.rows.stop - b.rows.start) * cols
+    pairs = sum(size(b, _ncols(b)) for b in blocks)
+    masked = sum(size(b, b.ragged.stop - b.ragged.start) for b in blocks if b.ragged is not None)
+    cost = {"dense": c["dense_call"] + c["dense_block"] * len(blocks) + scale * (
+                H * pairs * (c["dense_pair"] + dh * c["dense_mac"]) + masked * c["dense_masked_pair"]
+                + (g.ranges is None or edge_bias) * g.num_edges * c["dense_general_edge"]),
+            "sparse": c["sparse_call"] + scale * (H * g.num_edges * (c["sparse_edge"] + dh * c["sparse_mac"])
+                                                  + g.num_nodes * c["sparse_node"])}
+    for name, need in (("dense", dense_bytes), ("sparse", sparse_bytes)):
+        if need(g, H, dtype, edge_bias) > available_bytes():
+            cost[name] = math.inf
     return min(cost, key=cost.get), cost
 
 
@@ -1011,11 +1015,18 @@ def _exp_overload(x):
                                         13)}.get(x)
 
 
+def _threads():
+    """Numba's thread count, which gtx's Python threads follow too."""
+    _start_numba_threads()
+    return nb.get_num_threads()
+
+
 @cache
 def _start_numba_threads():
-    """Starts Numba's threads with OMP_WAIT_POLICY=passive (unless set), then restores the
-    environment: idle OpenMP threads then sleep instead of spinning on the cores that the
-    Python threads around the kernels need next. Only Numba's OpenMP runtime reads it here."""
+    """Starts Numba's threads (as its first parallel call or get_num_threads would) with
+    OMP_WAIT_POLICY=passive unless it is set, then restores the environment: idle OpenMP
+    threads then sleep at once instead of spinning on the cores that gtx's Python threads need
+    next. The OpenMP runtime reads the variable once, when Numba loads it; nothing else sees it."""
     before = os.environ.get("OMP_WAIT_POLICY")
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     try:
@@ -1061,7 +1072,7 @@ def _buffer(key, n, dtype):
 
 def _map_threads(fn, items):
     """list(map(fn, items)), on as many Python threads as Numba has."""
-    n = nb.get_num_threads()
+    n = _threads()
     return list(_python_threads(n).map(fn, items) if n > 1 and len(items) > 1 else map(fn, items))
 
 

@@ -8,6 +8,7 @@ Then: attention-weight invariants, stability, bad input, positional encodings,
 per-edge bias, a small training run, and the benchmark smoke test.
 """
 import os
+import re
 import subprocess
 import sys
 import time
@@ -76,6 +77,11 @@ GRAPHS = {
     "complete": lambda: gtx.complete_graph(12),
     "complete_no_self_loops": lambda: gtx.complete_graph(9, self_loops=False),
     "causal": lambda: gtx.causal_graph(10),
+    "window": lambda: gtx.causal_graph(11, window=3),
+    "batch": lambda: gtx.batch_graphs([gtx.complete_graph(3), gtx.causal_graph(5, window=2),
+                                       gtx.complete_graph(1), gtx.complete_graph(4, self_loops=False)]),
+    "batch_mixed": lambda: gtx.batch_graphs([gtx.complete_graph(3), make_graph([(0, 1), (2, 1)], 4),
+                                             gtx.causal_graph(3)]),
     **{f"random{s}": (lambda s=s: shuffled_random_graph(25, 4, s)) for s in range(3)},
 }
 
@@ -506,7 +512,227 @@ def test_bad_dy(backend, bad_dy):
         gtx.backward(dy, cache)
 
 
-# ---------------------------------------------------------------- positional encodings (issue #5)
+
+# ---------------------------------------------------------------- structured graphs, dense blocks
+
+def attention_core(backend, g, q, k, v, bias, do, **kw):
+    """One backend's attention alone, as a lifted backend is used: o, alpha and the gradients."""
+    be = gtx.BACKENDS[backend]
+    o, cache = be.forward(q, k, v, bias, g, **kw)
+    dq, dk, dv = (np.full_like(q, np.nan) for _ in range(3))      # the backend must write every entry
+    ds = be.backward(do, cache, dq, dk, dv)
+    out = dict(o=o, alpha=be.alpha(cache), dq=dq, dk=dk, dv=dv)
+    return out if bias is None else dict(out, ds=ds)
+
+
+def core_inputs(g, H=2, dh=3, seed=0, bias=True, dtype=F64):
+    rng = np.random.default_rng(seed)
+    q, k, v, do = (rng.standard_normal((g.num_nodes, H, dh)).astype(dtype) for _ in range(4))
+    return q, k, v, (rng.standard_normal((g.num_edges, H)).astype(dtype) if bias else None), do
+
+
+STRUCTURED = {
+    "complete": lambda: gtx.complete_graph(7),
+    "complete_no_self_loops": lambda: gtx.complete_graph(6, self_loops=False),
+    "causal": lambda: gtx.causal_graph(9),
+    "window": lambda: gtx.causal_graph(12, window=4),
+    "batch": lambda: gtx.batch_graphs([gtx.complete_graph(3), gtx.causal_graph(6, window=2),
+                                       gtx.complete_graph(1), gtx.causal_graph(4)]),
+    "batch_no_self_loops": lambda: gtx.batch_graphs([gtx.complete_graph(n, self_loops=False) for n in (2, 5, 3)]),
+}
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "edge_bias"])
+@pytest.mark.parametrize("graph", STRUCTURED)
+def test_structured_graph_equals_its_edge_list(graph, bias):
+    g = STRUCTURED[graph]()
+    assert g.ranges is not None, "a structured graph keeps no edge list until asked"
+    explicit = gtx.Graph(g.edge_index, g.num_nodes)                # edge_index is built here, on first use
+    assert explicit.num_edges == g.num_edges
+    assert np.array_equal(explicit.perm, np.arange(g.num_edges)), "structured edges come in CSR order"
+    x, p, dy, eb = make_inputs(g, seed=20, bias=bias)
+    for backend in BACKENDS:
+        a, b = run(backend, g, x, p, dy, eb), run(backend, explicit, x, p, dy, eb)
+        for key in a:
+            assert_close(f"{graph} {backend} {key}", a[key], b[key], 1e-12, 1e-14)
+
+
+def test_structured_constructors():
+    g = gtx.complete_graph(10**6)                                   # 10^12 edges: never listed
+    assert (g.num_nodes, g.num_edges, g.is_complete) == (10**6, 10**12, True)
+    assert gtx.complete_graph(10**6, self_loops=False).num_edges == 10**12 - 10**6
+    assert gtx.causal_graph(10**6).num_edges == 10**6 * (10**6 + 1) // 2
+    w = gtx.causal_graph(6, window=3)
+    assert w.edge_index.tolist() == [[0, 0, 1, 0, 1, 2, 1, 2, 3, 2, 3, 4, 3, 4, 5],
+                                     [0, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]]
+    assert not w.edge_index.flags.writeable
+    b = gtx.batch_graphs([gtx.complete_graph(2), make_graph([(0, 1)], 3), gtx.complete_graph(1)])
+    assert b.ptr.tolist() == [0, 2, 5, 6] and b.num_edges == 4 + 1 + 1
+    assert b.edge_index.tolist() == [[0, 1, 0, 1, 2, 5], [0, 0, 1, 1, 3, 5]], "parts' order, ids offset"
+    assert gtx.batch_graphs([gtx.complete_graph(2), gtx.causal_graph(3)]).ranges is not None
+    for bad, kw in ((-1, {}), (1.5, {}), (3, {"window": 0})):
+        with pytest.raises(BAD):
+            gtx.causal_graph(bad, **kw)
+    with pytest.raises(TypeError, match="Graph"):
+        gtx.batch_graphs([gtx.complete_graph(2), np.zeros((2, 0))])
+
+
+BLOCK_GRAPHS = {**STRUCTURED, "fd": lambda: make_graph(FD_EDGES, 5), "star": lambda: make_graph(star(20), 20),
+                "random": lambda: shuffled_random_graph(23, 3, 21), "no_edges": lambda: make_graph([], 4),
+                "batch_mixed": GRAPHS["batch_mixed"]}
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "edge_bias"])
+@pytest.mark.parametrize("graph", BLOCK_GRAPHS)
+def test_dense_result_does_not_depend_on_block_size(graph, bias):
+    g = BLOCK_GRAPHS[graph]()
+    inputs = core_inputs(g, seed=22, bias=bias)
+    ref = attention_core("naive", g, *inputs)
+    for rows in (1, 3, 4, g.num_nodes + 5, None):                   # 3 divides none of the sizes
+        out = attention_core("dense", g, *inputs, block_rows=rows)
+        for key in ref:
+            assert_close(f"{graph} dense block_rows={rows} {key}", out[key], ref[key], RTOL[F64], ATOL[F64])
+
+
+def test_dense_blocks_cover_every_edge_once():
+    for make in BLOCK_GRAPHS.values():
+        g = make()
+        for rows in (1, 3, 128):
+            blocks = gtx.dense_blocks(g, rows)
+            assert [b.rows.start for b in blocks] + [g.num_nodes] == [0] + [b.rows.stop for b in blocks]
+            assert all(b.rows.stop - b.rows.start <= rows for b in blocks if g.ptr.size == 2)
+            pairs = sum(int(gtx._edge_mask(g, b, gtx._cols(b)).sum()) for b in blocks)
+            assert pairs == g.num_edges, "each edge in exactly one block"
+    # a batch keeps its graphs whole in blocks where they fit
+    g = gtx.batch_graphs([gtx.complete_graph(n) for n in (30, 40, 50, 20)])
+    assert [(b.rows.start, b.rows.stop) for b in gtx.dense_blocks(g, 100)] == [(0, 70), (70, 140)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_equals_its_graphs_one_by_one(backend):
+    parts = [gtx.complete_graph(4), gtx.causal_graph(5, window=2), shuffled_random_graph(6, 2, 23),
+             gtx.complete_graph(3, self_loops=False)]
+    g = gtx.batch_graphs(parts)
+    x, p, dy, eb = make_inputs(g, seed=23)
+    whole = run(backend, g, x, p, dy, eb)
+    grads = {k: 0 for k in PARAM_KEYS}
+    for n, part in enumerate(parts):
+        nodes, edges = slice(g.ptr[n], g.ptr[n + 1]), slice(*np.cumsum([0] + [q.num_edges for q in parts])[n:n + 2])
+        one = run(backend, part, x[nodes], p, dy[nodes], eb[edges])
+        for key in ("y", "dx"):
+            assert_close(f"{backend} part {n} {key}", whole[key][nodes], one[key], 1e-12, 1e-14)
+        for key in ("alpha", "dedge_bias"):
+            assert_close(f"{backend} part {n} {key}", whole[key][edges], one[key], 1e-12, 1e-14)
+        grads = {k: grads[k] + one["d" + k] for k in PARAM_KEYS}
+    for k in PARAM_KEYS:                                           # parameters are shared: their gradients add up
+        assert_close(f"{backend} d{k}", whole["d" + k], grads[k], 1e-12, 1e-14)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")   # NaN inputs: expected
+@pytest.mark.parametrize("graph", ["components", "batch", "batch_mixed", "isolated_nodes"])
+def test_nonfinite_feature_reaches_in_backward_only_what_naive_reaches(graph):
+    g = GRAPHS[graph]()
+    for bad_node in range(g.num_nodes):
+        x, p, dy, _ = make_inputs(g, seed=24, bias=False)
+        x[bad_node] = np.nan if bad_node % 2 else np.inf
+        outs = {b: run(b, g, x, p, dy) for b in BACKENDS}
+        want = {k: ~np.isfinite(outs["naive"][k]).reshape(g.num_nodes, -1).any(1) for k in ("y", "dx")}
+        j, i = g.edge_index
+        near = np.zeros(g.num_nodes, bool)                         # at most two edges away from bad_node
+        near[bad_node] = near[i[j == bad_node]] = True
+        near[j[near[i]]] = True
+        for b, out in outs.items():
+            for k in ("y", "dx"):
+                got = ~np.isfinite(out[k]).reshape(g.num_nodes, -1).any(1)
+                assert np.array_equal(got, want[k]), f"{graph} {b} {k}: non-finite rows {np.flatnonzero(got)}, " \
+                                                     f"naive's {np.flatnonzero(want[k])} (bad node {bad_node})"
+                assert not got[~near].any(), f"{graph} {b} {k}: reached nodes far from bad node {bad_node}"
+        if not ((j == bad_node) | (i == bad_node)).any():          # a node without edges reaches no output
+            assert all(np.isfinite(out[k]).all() for out in outs.values() for k in ("y", "dx", "alpha"))
+
+
+def test_property_dense_equals_naive_on_random_graphs_and_blocks():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @st.composite
+    def graphs(draw):
+        kind = draw(st.sampled_from(["random", "complete", "causal", "batch"]))
+        n = draw(st.integers(0, 12))
+        if kind == "random":
+            return gtx.random_graph(n, avg_degree=draw(st.floats(0, max(n - 1, 0))), rng=draw(st.integers(0, 99)))
+        if kind == "complete":
+            return gtx.complete_graph(n, self_loops=draw(st.booleans()))
+        if kind == "causal":
+            return gtx.causal_graph(n, window=draw(st.one_of(st.none(), st.integers(1, 5))))
+        return gtx.batch_graphs([gtx.complete_graph(m) for m in draw(st.lists(st.integers(1, 5), max_size=4))])
+
+    @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+    @hypothesis.given(graphs(), st.integers(1, 14), st.booleans())
+    def check(g, rows, bias):
+        inputs = core_inputs(g, seed=25, bias=bias)
+        ref, out = attention_core("naive", g, *inputs), attention_core("dense", g, *inputs, block_rows=rows)
+        for key in ref:
+            assert_close(f"dense {g} block_rows={rows} {key}", out[key], ref[key], RTOL[F64], ATOL[F64])
+    check()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lifted_backend_with_separate_arrays(backend):
+    """q, k, v and their gradient buffers need not come from the projection's packed array."""
+    g = shuffled_random_graph(15, 3, 26)
+    q, k, v, eb, do = core_inputs(g, seed=26, dtype=F32)
+    out = attention_core(backend, g, q.copy(), k.copy(), v.copy(), eb, do)
+    ref = attention_core("naive", g, *(a.astype(F64) for a in (q, k, v, eb, do)))
+    for key in ref:
+        assert out[key].dtype == F32
+        assert_close(f"{backend} {key}", out[key], ref[key], RTOL[F32], ATOL[F32])
+
+
+# ---------------------------------------------------------------- choosing a backend, limits, side effects
+
+def test_choose_backend_and_auto(monkeypatch):
+    for g, want in ((gtx.complete_graph(512), "dense"), (gtx.random_graph(4000, avg_degree=4, rng=0), "sparse")):
+        name, cost = gtx.choose_backend(g, 4, 16)
+        assert name == want and set(cost) == {"dense", "sparse"} and cost[name] == min(cost.values()), (g, cost)
+    g = make_graph(FD_EDGES, 5)
+    x, p, dy, _ = make_inputs(g, bias=False)
+    y, cache = gtx.forward(x, g, p)                                 # backend="auto" is the default
+    assert cache.backend == gtx.choose_backend(g, 2, 4, F64)[0]
+    assert_close("auto y", y, gtx.forward(x, g, p, backend="naive")[0], RTOL[F64])
+    monkeypatch.setattr(gtx, "available_bytes", lambda: gtx.dense_bytes(g, 2, F64) - 1)
+    assert gtx.choose_backend(g, 2, 4, F64)[0] == "sparse", "never a backend that would raise MemoryError"
+    assert gtx.forward(x, g, p)[1].backend == "sparse"
+
+
+def test_clear_limits_instead_of_raw_allocation_errors(monkeypatch):
+    with pytest.raises(MemoryError, match="eigendecomposition"):
+        gtx.laplacian_pe(gtx.complete_graph(100_000), 4)           # ~300 GiB: refused before allocating
+    monkeypatch.setattr(gtx, "available_bytes", lambda: 10**6)
+    with pytest.raises(MemoryError, match="complete_graph"):
+        gtx.Graph(np.zeros((2, 20_000), np.int64), 5)
+    gtx.Graph(np.zeros((2, 1), np.int64), 5)                       # small enough: fine
+
+
+def test_dtype_mismatch_names_the_fix():
+    g = make_graph(FD_EDGES, 5)
+    x, p, _, _ = make_inputs(g, bias=False)
+    with pytest.raises(ValueError, match=r"init_params\(\.\.\., dtype=np\.float32\)"):
+        gtx.forward(x.astype(F32), g, p)
+
+
+def test_import_leaves_the_environment_unchanged():
+    code = ("import os, numpy, numba, psutil, threadpoolctl; before = dict(os.environ); import gtx; "
+            "g = gtx.random_graph(50, avg_degree=3, rng=0); x = numpy.ones((50, 8)); "
+            "y, c = gtx.forward(x, g, gtx.init_params(8, 2), backend='sparse'); gtx.backward(y, c); "
+            "print(sorted(set(os.environ.items()) ^ set(before.items())))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]", f"import gtx changed os.environ: {r.stdout}"
+
+
+# ---------------------------------------------------------------- positional encodings
 
 def test_sinusoidal_pe():
     n, d = 9, 6
@@ -610,7 +836,7 @@ def test_permutation_equivariance_broken_by_positional_encoding(backend):
     assert err > 1e-2 * np.abs(f(x + pe)).max(), f"PE should break equivariance, max diff only {err:.2g}"
 
 
-# ---------------------------------------------------------------- it learns (issue #5)
+# ---------------------------------------------------------------- it learns: what the graph buys
 
 @pytest.mark.parametrize("backend", ["sparse", "dense"])
 def test_training_learns_mean_of_in_neighbours(backend):
@@ -648,10 +874,60 @@ def test_training_learns_mean_of_in_neighbours(backend):
     assert loss0 / loss1 >= 10
 
 
-# ---------------------------------------------------------------- benchmark smoke test (issue #3)
+def test_what_the_graph_buys_on_held_out_graphs():
+    """bench.py's experiment, fast and seeded: held-out MSE / var(target) on unseen graphs."""
+    sys.path.insert(0, HERE)
+    import bench
+    m = {arm: np.mean(r) for arm, r in bench.learn("test").items()}
+    print(f"\n[learn] {m}")
+    assert m["graph"] <= 0.1, f"the GNN, given the edges: {m['graph']:.3f}"
+    assert m["complete+edge_bias"] <= 0.1, f"a learned bias on the graph's edges: {m['complete+edge_bias']:.3f}"
+    assert m["complete"] >= 0.5, f"a Transformer without positions cannot know the edges: {m['complete']:.3f}"
+    assert m["complete+laplacian"] < m["complete"], f"Laplacian PE should help: {m}"
+
+
+# ---------------------------------------------------------------- the benchmark and the README
 
 def test_bench_quick_runs():
-    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--quick"], cwd=HERE, capture_output=True, text=True, timeout=150)
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--quick"], cwd=HERE,
+                       capture_output=True, text=True, timeout=150)
     assert r.returncode == 0, f"bench.py --quick failed:\n{r.stderr[-3000:]}"
     assert "transformer (N=" in r.stdout and "crossover" in r.stdout, r.stdout[-3000:]
     assert "MISMATCH" not in r.stdout, r.stdout[-3000:]
+    table = r.stdout[r.stdout.index("workload"):r.stdout.index("-- density")].splitlines()
+    assert all(len(line) <= 100 for line in table), "the table must fit in 100 columns"
+
+
+def test_bench_measurements_without_linux_paths(monkeypatch):
+    """The memory and CPU readings fall back to portable ones where /proc and glibc are missing."""
+    import ctypes.util
+    sys.path.insert(0, HERE)
+    import bench
+    monkeypatch.setattr(bench, "PROC", "/nonexistent")             # no /proc: not Linux
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)   # no glibc malloc_trim
+    bench.release_freed_memory()
+    assert bench.reset_peak() is False
+    assert bench.peak_rss() >= 10 * 2**20, "ru_maxrss of this process"
+    t0 = bench.cpu_ticks()
+    sum(range(10**6))
+    assert 0 <= bench.others_share(t0, bench.cpu_ticks()) <= 1
+    task = dict(dtype="float32", threads=numba.get_num_threads(), spec=("random", 300, 4), D=8, H=2,
+                dh=4, backend="sparse")
+    m = bench.child_memory(task)
+    assert m["exact"] is False and m["peak_bytes"] >= 0, m
+    monkeypatch.setitem(sys.modules, "resource", None)             # Windows: no resource module
+    assert bench.peak_rss() is None or bench.peak_rss() > 0
+    assert "peak_bytes" in bench.child_memory(task) or "error" in bench.child_memory(task)
+
+
+def test_readme_snippets_run_from_another_folder(tmp_path):
+    """After the README's set-up (pip install -r requirements.txt installs gtx), every Python
+    snippet in it runs as written from a folder outside the repository."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        snippets = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    assert snippets
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for n, code in enumerate(snippets):
+        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, f"README snippet {n} failed in {tmp_path}:\n{code}\n{r.stderr[-2000:]}"
