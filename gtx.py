@@ -18,7 +18,6 @@ On complete_graph(n) this is exactly softmax(Q K^T / sqrt(dh)) V per head.
     dx, grads = gtx.backward(dy, cache)
 """
 # Dimension letters: N nodes, E edges, H heads, dh head size, D model width.
-import contextlib
 import math
 import os
 import threading
@@ -31,7 +30,7 @@ import numpy as np
 import psutil
 from llvmlite import ir
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 from threadpoolctl import ThreadpoolController
 
 PARAM_KEYS = ("Wq", "Wk", "Wv", "bq", "bk", "bv", "Wo", "bo")
@@ -45,14 +44,12 @@ _REASSOC = {"reassoc", "contract"}
 
 class Graph:
     """A directed graph: edge e carries a message from j = edge_index[0, e] to i = edge_index[1, e].
-
     Graph(edge_index, num_nodes) validates an edge list and sorts it into a CSR by target: the
     in-edges of node i sit at CSR positions indptr[i]:indptr[i+1], with sources src (E,) and input
     edge ids perm (E,). complete_graph, causal_graph and batch_graphs build structured graphs in
     O(N) instead: node i attends to every j in [lo[i], hi[i]) (but itself, if not self_loops),
     ranges = (lo, hi); their edges are listed in CSR order, and edge_index, src and perm are built
-    on first use. ptr (B+1,) holds the node offsets of the graphs of a batch, as PyG's Batch.ptr.
-    """
+    on first use. ptr (B+1,) holds the node offsets of the graphs of a batch, as PyG's Batch.ptr."""
 
     def __init__(self, edge_index, num_nodes):
         N = _count("num_nodes", num_nodes)
@@ -100,7 +97,7 @@ class Graph:
     @cached_property
     def edge_index(self):
         """(2, E); for a structured graph built on first use, 16 E bytes."""
-        return _read_only(np.stack([self.src, np.repeat(np.arange(self.num_nodes), np.diff(self.indptr))]))
+        return _read_only(np.stack([self.src, _targets(self)]))
 
     @cached_property
     def src(self):
@@ -141,6 +138,11 @@ def _read_only(a):
     return a
 
 
+def _targets(g):
+    """(E,) the target of each edge, in CSR order."""
+    return np.repeat(np.arange(g.num_nodes), np.diff(g.indptr))
+
+
 def _indptr(node_of_edge, N):
     """(N+1,) CSR offsets: the edges of node n sit at [indptr[n], indptr[n+1]) once sorted."""
     return np.concatenate([[0], np.cumsum(np.bincount(node_of_edge, minlength=N))])
@@ -153,7 +155,7 @@ def _to_csr(a, g):
 
 def _input_order(a, g):
     """(E, ...) from CSR order back to the graph's input edge order."""
-    if g.ranges is not None:
+    if g.ranges is not None:                # a structured graph lists its edges in CSR order
         return a
     out = np.empty_like(a)
     out[g.perm] = a
@@ -170,7 +172,7 @@ def causal_graph(n, window=None):
     """Edges j -> i for j <= i: a decoder's (GPT's) graph. With window=w, only j in
     [max(0, i-w+1), i], as in sliding-window (local) attention. O(n)."""
     i = np.arange(_count("n", n))
-    lo = np.zeros(n, np.int64) if window is None else np.maximum(i - _count("window", window, 1) + 1, 0)
+    lo = 0 * i if window is None else np.maximum(i - _count("window", window, 1) + 1, 0)
     return Graph._structured(lo, i + 1, True, np.array([0, n]))
 
 
@@ -181,19 +183,18 @@ def batch_graphs(graphs):
     graphs = list(graphs)
     if not all(isinstance(g, Graph) for g in graphs):
         raise TypeError("batch_graphs takes a list of Graph")
-    ptr = np.concatenate([[0], np.cumsum([g.num_nodes for g in graphs], dtype=np.int64)])
-    if all(g.ranges is not None for g in graphs) and len({g.self_loops for g in graphs}) <= 1:
-        lo, hi = (np.concatenate([np.zeros(0, np.int64)] + [g.ranges[r] + p for g, p in
-                                                              zip(graphs, ptr)]) for r in (0, 1))
+    ptr, eptr = (np.cumsum([0] + [n for n in counts]) for counts in
+                 ([g.num_nodes for g in graphs], [g.num_edges for g in graphs]))
+    if all(g.ranges is not None for g in graphs) and len({g.self_loops for g in graphs}) < 2:
+        lo, hi = (np.concatenate([[]] + [g.ranges[r] + p for g, p in zip(graphs, ptr)]).astype(int)
+                  for r in (0, 1))
         return Graph._structured(lo, hi, all(g.self_loops for g in graphs), ptr)
-    eptr = np.concatenate([[0], np.cumsum([g.num_edges for g in graphs], dtype=np.int64)])
-    join = lambda parts: np.concatenate([np.zeros(0, np.int64)] + parts)
     g = Graph.__new__(Graph)
-    g._setup(int(ptr[-1]), eptr[-1], ptr, join([[0]] + [p.indptr[1:] + e for p, e in zip(graphs, eptr)]))
-    g.edge_index = _read_only(np.concatenate([np.zeros((2, 0), np.int64)] +
-                                             [p.edge_index + o for p, o in zip(graphs, ptr)], 1))
-    g.src = join([p.src + o for p, o in zip(graphs, ptr)])
-    g.perm = join([p.perm + e for p, e in zip(graphs, eptr)])
+    g._setup(int(ptr[-1]), eptr[-1], ptr,
+             np.concatenate([[0]] + [p.indptr[1:] + e for p, e in zip(graphs, eptr)]))
+    g.edge_index = _read_only(np.concatenate([p.edge_index + o for p, o in zip(graphs, ptr)], 1))
+    g.src = np.concatenate([p.src + o for p, o in zip(graphs, ptr)])
+    g.perm = np.concatenate([p.perm + e for p, e in zip(graphs, eptr)])
     return g
 
 
@@ -206,7 +207,7 @@ def random_graph(n, avg_degree=None, density=None, rng=None):
     if not 0 <= E <= n * (n - 1):
         raise ValueError(f"random_graph: {E} edges do not fit in {n} nodes without self-loops "
                          f"(at most n(n-1) = {n * (n - 1)})")
-    key = np.random.default_rng(rng).choice(n * (n - 1), size=E, replace=False)   # off-diagonal slots
+    key = np.random.default_rng(rng).choice(n * (n - 1), size=E, replace=False)  # not diagonal
     dst, src = np.divmod(key, max(n - 1, 1))
     return Graph(np.stack([src + (src >= dst), dst]), n)    # shift past the diagonal: no self-loops
 
@@ -223,12 +224,13 @@ def init_params(d_model, n_heads, d_head=None, rng=None, dtype=np.float64):
                          f"{d_model!r}, {n_heads!r}, {d_head!r}")
     dh = d_model // n_heads if d_head is None else d_head
     if dh < 1:
-        raise ValueError(f"init_params: d_model // n_heads = {d_model} // {n_heads} is 0; give d_head")
+        raise ValueError(f"init_params: d_model // n_heads = {d_model} // {n_heads} is 0; "
+                         f"give d_head")
     if np.dtype(dtype) not in FLOATS:
         raise ValueError(f"init_params: dtype must be float32 or float64, got {np.dtype(dtype)}")
     D, H, rng = d_model, n_heads, np.random.default_rng(rng)
     W = lambda bound, *shape: rng.uniform(-bound, bound, shape).astype(dtype)
-    qkv, out = math.sqrt(6 / (D + 3 * H * dh)), math.sqrt(6 / (H * dh + D))  # sqrt(6/(fan_in+fan_out))
+    qkv, out = math.sqrt(6 / (D + 3 * H * dh)), math.sqrt(6 / (H * dh + D))  # sqrt(6 / fans)
     return dict(Wq=W(qkv, D, H, dh), Wk=W(qkv, D, H, dh), Wv=W(qkv, D, H, dh), Wo=W(out, H, dh, D),
                 bq=np.zeros((H, dh), dtype), bk=np.zeros((H, dh), dtype),
                 bv=np.zeros((H, dh), dtype), bo=np.zeros(D, dtype))
@@ -241,25 +243,25 @@ def _w_qkv(p):
     return np.stack([p["Wq"], p["Wk"], p["Wv"]], 1, out=w).reshape(D, 3 * H * dh)
 
 
-def _project(x, p, matmul=np.matmul):
+def _project(x, p):
     """q, k, v = x Wq + bq, x Wk + bk, x Wv + bv as one matmul: (N, H, dh) views of one
     (N, 3, H, dh) array, where a node's k and v sit side by side for the sparse kernels."""
     D, H, dh = p["Wq"].shape
-    qkv = matmul(x, _w_qkv(p))                                          # (N, 3 H dh)
+    qkv = _split_matmul(x, _w_qkv(p))                                   # (N, 3 H dh)
     qkv += np.stack([p["bq"], p["bk"], p["bv"]]).reshape(-1)
     qkv = qkv.reshape(-1, 3, H, dh)                                     # (N, 3, H, dh)
     return qkv[:, 0], qkv[:, 1], qkv[:, 2]
 
 
-def _project_backward(dqkv, x, p, grads, matmul=np.matmul):
+def _project_backward(dqkv, x, p, grads):
     """Differentiates _project, given dqkv (N, 3, H, dh): writes dW*, db* into grads and
     returns dx (N, D)."""
     N, _, H, dh = dqkv.shape
     d = dqkv.reshape(N, 3 * H * dh)
-    dW, db = matmul(x.T, d).reshape(-1, 3, H, dh), dqkv.sum(0)         # (D, 3, H, dh), (3, H, dh)
+    dW, db = _split_matmul(x.T, d).reshape(-1, 3, H, dh), dqkv.sum(0)  # (D, 3, H, dh), (3, H, dh)
     for n, c in enumerate("qkv"):
         grads["W" + c], grads["b" + c] = dW[:, n], db[n]
-    return matmul(d, _w_qkv(p).T)                                       # (N, D)
+    return _split_matmul(d, _w_qkv(p).T)                                # (N, D)
 
 
 def _packed(q, k, v):
@@ -332,10 +334,6 @@ def naive_backward(do, cache, dq, dk, dv):
     return ds
 
 
-def naive_alpha(cache):
-    return cache.alpha.copy()                                           # (E, H), input order
-
-
 # ---------------------------------------------------------------- dense
 # As a Transformer computes: for each block of target rows, the scores against the source
 # columns the block needs are one matmul, non-edges are set to -inf by selection (only where
@@ -343,92 +341,83 @@ def naive_alpha(cache):
 # structured graphs give each block a contiguous range of columns; a general graph gives the
 # sources found in the block's CSR rows. The backward recomputes each block's probabilities
 # from q, k and the log-sum-exp kept by the forward (as FlashAttention does): nothing of size
-# N^2 is ever kept. Blocks run on threads in contiguous lanes of equal work; each lane sums its
-# own key and value gradients, and the lanes are added in order.
-Block = namedtuple("Block", "rows cols ragged")     # slice; slice or sorted array; slice or None
+# N^2 is ever kept. Blocks run on threads in lanes (see _lanes at the end).
 DenseCache = namedtuple("DenseCache", "q k v o lse bias g block_rows bad")
 
 
+class Block(namedtuple("Block", "rows cols ragged")):
+    """rows: a slice of targets; cols: their sources, a slice (structured graphs) or a sorted
+    array (general graphs); ragged: a slice of cols where some pair is not an edge, or None."""
+    R = property(lambda b: b.rows.stop - b.rows.start)
+    C = property(lambda b: b.cols.stop - b.cols.start if isinstance(b.cols, slice) else b.cols.size)
+    sources = property(lambda b: np.arange(b.cols.start, b.cols.stop) if isinstance(b.cols, slice)
+                       else b.cols)
+
+
 def dense_blocks(g, block_rows=None):
-    """The blocks of target rows, built once per graph: rows (a slice of targets), cols (the
-    sources they attend to: a slice, or a sorted array for a general graph) and ragged (the
-    columns, within cols, where some pair is not an edge; None when all pairs are edges).
-    Blocks keep the graphs of a batch whole where they fit in block_rows. By default 256 rows
-    where targets have 256 in-edges or more on average, else 128: bigger blocks make bigger
-    matmuls, smaller ones waste less on narrow windows and small graphs."""
-    block_rows = block_rows or (256 if g.num_edges >= 256 * g.num_nodes else 128)
-    return g.derived(("dense", block_rows), lambda: list(_plan_blocks(g, block_rows)))
+    """The blocks of target rows, built once per graph. They keep the graphs of a batch whole
+    where they fit in block_rows: by default 256 where targets have 256 in-edges or more on
+    average, else 128 (bigger blocks make bigger matmuls; smaller ones waste less on windows
+    and small graphs)."""
+    R = block_rows or (256 if g.num_edges >= 256 * g.num_nodes else 128)
 
-
-def _plan_blocks(g, R):
-    cuts = [0]
-    for a, b in zip(g.ptr[:-1], g.ptr[1:]):         # graph [a, b) of a batch
-        if b - cuts[-1] > R and a > cuts[-1]:
-            cuts.append(a)                            # start a block with this graph
-        cuts += range(cuts[-1] + R, b, R)             # cut a graph larger than R rows
-    cuts += [g.num_nodes] if g.num_nodes > cuts[-1] else []
-    for r0, r1 in zip(cuts[:-1], cuts[1:]):
-        rows = slice(r0, r1)
-        if g.ranges is None:
-            cols = np.unique(g.src[g.indptr[r0]:g.indptr[r1]])
-            full = g.indptr[r1] - g.indptr[r0] == (r1 - r0) * cols.size
-            yield Block(rows, cols, None if full else slice(0, cols.size))
-            continue
-        lo, hi = g.ranges[0][rows], g.ranges[1][rows]
-        c0, c1, f0, f1 = lo.min(), hi.max(), lo.max(), hi.min()    # [f0, f1): every row's columns
-        gaps = [(c0, f0), (f1, c1)] if f0 < f1 else [(c0, c1)]
-        gaps += [] if g.self_loops else [(max(r0, c0), min(r1, c1))]      # the diagonal
-        gaps = [(a, b) for a, b in gaps if a < b]
-        ragged = slice(min(a for a, _ in gaps) - c0, max(b for _, b in gaps) - c0) if gaps else None
-        yield Block(rows, slice(c0, c1), ragged)
+    def plan():
+        cuts = [0]
+        for a, b in zip(g.ptr[:-1], g.ptr[1:]):     # graph [a, b) of a batch
+            if b - cuts[-1] > R and a > cuts[-1]:
+                cuts.append(a)                        # start a block with this graph
+            cuts += range(cuts[-1] + R, b, R)         # cut a graph larger than R rows
+        cuts += [g.num_nodes] if g.num_nodes > cuts[-1] else []
+        for r0, r1 in zip(cuts[:-1], cuts[1:]):
+            if g.ranges is None:
+                cols = np.unique(g.src[g.indptr[r0]:g.indptr[r1]])
+                full = g.indptr[r1] - g.indptr[r0] == (r1 - r0) * cols.size
+                yield Block(slice(r0, r1), cols, None if full else slice(0, cols.size))
+                continue
+            lo, hi = g.ranges[0][r0:r1], g.ranges[1][r0:r1]
+            c0, c1, f0, f1 = lo.min(), hi.max(), lo.max(), hi.min()   # [f0, f1): in every row
+            gaps = [(c0, f0), (f1, c1)] if f0 < f1 else [(c0, c1)]
+            gaps += [] if g.self_loops else [(max(r0, c0), min(r1, c1))]   # the diagonal
+            gaps = [(a - c0, b - c0) for a, b in gaps if a < b]
+            ragged = slice(min(a for a, _ in gaps), max(b for _, b in gaps)) if gaps else None
+            yield Block(slice(r0, r1), slice(c0, c1), ragged)
+    return g.derived(("dense", R), lambda: list(plan()))
 
 
 def dense_bytes(g, n_heads, dtype, edge_bias=False, block_rows=None):
-    """Bytes the dense backend needs beyond its (N, H, dh) arrays, forward plus backward: per
-    thread, three (H, rows, cols) blocks of scratch and its own key and value gradients; with an
-    edge bias, its (E, H) copy and gradient too."""
-    blocks, item = dense_blocks(g, block_rows), np.dtype(dtype).itemsize
-    cells = max([(b.rows.stop - b.rows.start) * _ncols(b) for b in blocks], default=0)
-    per_thread = (3 + edge_bias) * n_heads * cells * item + 2 * g.num_nodes * item * 64
-    return _threads() * per_thread + 2 * edge_bias * g.num_edges * n_heads * item
-
-
-def _ncols(b):
-    return b.cols.stop - b.cols.start if isinstance(b.cols, slice) else b.cols.size
-
-
-def _cols(b):
-    return np.arange(b.cols.start, b.cols.stop) if isinstance(b.cols, slice) else b.cols
+    """Bytes the dense backend needs beyond its (N, H, dh) arrays: three (H, R, C) blocks of
+    scratch per thread (four with an edge bias), and an edge bias's (E, H) copy and gradient."""
+    cells = max([b.R * b.C for b in dense_blocks(g, block_rows)], default=0)
+    item = np.dtype(dtype).itemsize
+    return (_threads() * (3 + edge_bias) * cells + 2 * edge_bias * g.num_edges) * n_heads * item
 
 
 def _edge_mask(g, b, cols):
-    """(R, C) bool: True where target row r of block b and source cols[c] are an edge. For a
-    general graph, cols must hold every source of the block's edges."""
+    """(R, C) bool: True where row r of block b and source cols[c] are an edge (for a general
+    graph, cols holds every source of the block's edges)."""
     rows = np.arange(b.rows.start, b.rows.stop)[:, None]                # (R, 1)
     if g.ranges is None:
-        mask = np.zeros((rows.size, cols.size), bool)
-        e = slice(g.indptr[b.rows.start], g.indptr[b.rows.stop])
-        counts = np.diff(g.indptr[b.rows.start:b.rows.stop + 1])          # (R,) in-edges
-        mask[np.repeat(np.arange(rows.size), counts), np.searchsorted(cols, g.src[e])] = True
+        mask = np.zeros((b.R, cols.size), bool)
+        counts = np.diff(g.indptr[b.rows.start:b.rows.stop + 1])        # (R,) in-edges
+        src = g.src[g.indptr[b.rows.start]:g.indptr[b.rows.stop]]
+        mask[np.repeat(np.arange(b.R), counts), np.searchsorted(cols, src)] = True
         return mask
     mask = (cols >= g.ranges[0][b.rows, None]) & (cols < g.ranges[1][b.rows, None])
     return mask if g.self_loops else mask & (cols != rows)
 
 
 def _scores(q_b, kh, bias, g, b, s):
-    """s (H, R, C) = q_b kh[:, cols]^T: the scores of block b's rows against its columns, then
-    + bias at edges and -inf at non-edges. q_b (H, R, dh) holds the rows' q / sqrt(dh), kh
-    (H, N, dh) is k heads-first."""
+    """s (H, R, C) = q_b kh[:, cols]^T, the scores of block b, then + bias at edges and -inf at
+    non-edges. q_b (H, R, dh) holds the rows' q / sqrt(dh); kh (H, N, dh) is k heads first."""
     np.matmul(q_b, kh[:, b.cols].transpose(0, 2, 1), out=s)
     if bias is not None:            # bias at edges, -inf elsewhere: s is finite here, see _split
         tile = _buffer("dense tile", s.size, s.dtype).reshape(s.shape)
         tile[:] = -np.inf
-        r, c = np.nonzero(_edge_mask(g, b, _cols(b)))           # CSR order: by row, then column
+        r, c = np.nonzero(_edge_mask(g, b, b.sources))          # CSR order: by row, then column
         tile[:, r, c] = bias[g.indptr[b.rows.start]:g.indptr[b.rows.stop]].T
         s += tile
     elif b.ragged is not None:
-        edge = _edge_mask(g, b, _cols(b)[b.ragged])
-        np.copyto(s[:, :, b.ragged], -np.inf, where=~edge)
+        np.copyto(s[:, :, b.ragged], -np.inf, where=~_edge_mask(g, b, b.sources[b.ragged]))
     return s
 
 
@@ -444,16 +433,15 @@ def _split(blocks, g, bad):
             out.append(b)
             continue
         for i in range(b.rows.start, b.rows.stop):
-            row = Block(slice(i, i + 1), _cols(b), None)
-            out.append(row._replace(cols=row.cols[_edge_mask(g, row, row.cols)[0]]))
+            row = Block(slice(i, i + 1), b.sources, None)
+            out.append(row._replace(cols=b.sources[_edge_mask(g, row, b.sources)[0]]))
     return out
 
 
 def _nonfinite(*arrays, bad=None):
-    """(N,) bool, True at nodes with an inf or NaN in any of the (N, ...) arrays or in bad;
-    None if there is none."""
+    """(N,) bool: nodes with an inf or NaN in any of the (N, ...) arrays or in bad; None if none."""
     if all(np.isfinite(a.sum()) for a in arrays):
-        return bad                        # the common case, one sum each (an overflow falls through)
+        return bad                     # the common case, one sum each; an overflow falls through
     found = ~np.logical_and.reduce([np.isfinite(a).reshape(len(a), -1).all(1) for a in arrays])
     return found if bad is None else found | bad
 
@@ -468,7 +456,6 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
     bias = _to_csr(bias, g)                        # (E, H) blocks read their edges in CSR order
     o, lse = np.empty_like(q), np.empty((N, H), q.dtype)                # (N, H, dh), (N, H)
     bad = _nonfinite(q, k, v)
-    blocks = _split(dense_blocks(g, block_rows), g, bad)
     kh, vh = _heads_first(k, "kh"), _heads_first(v, "vh")              # (H, N, dh) each
 
     def lane(blocks):
@@ -480,14 +467,14 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
             # pass 2: softmax over each row's edges: max subtracted for stability, empty rows 0
             m = s.max(-1, initial=-np.inf)                               # (H, R)
             m[m == -np.inf] = 0
-            den = np.empty_like(m)                                       # (H, R)
-            _exp_rows(s, m, den)                       # s = exp(s - max), den = its row sums
-            np.maximum(den, 1, out=den)                # >= 1 unless a row has no edges: 0 / 1
+            np.subtract(s, m[..., None], out=s)
+            p = np.exp(s, out=s)                                         # (H, R, C) unnormalised
+            den = np.maximum(p.sum(-1), 1)             # (H, R) >= 1 unless a row has no edges
             # pass 3: o = P V, normalised on the (R, dh) side
-            np.matmul(s, vh[:, b.cols], out=o_b)                         # (H, R, dh)
+            np.matmul(p, vh[:, b.cols], out=o_b)                         # (H, R, dh)
             np.divide(o_b.transpose(1, 0, 2), den.T[..., None], out=o[b.rows])
             lse[b.rows] = (m + np.log(den)).T          # log of sum exp(s): P = exp(s - lse)
-    _map_threads(lane, _lanes(blocks))
+    _map_threads(lane, _lanes(_split(dense_blocks(g, block_rows), g, bad)))
     return o, DenseCache(q, k, v, o, lse, bias, g, block_rows, bad)
 
 
@@ -498,8 +485,8 @@ def dense_backward(do, cache, dq, dk, dv):
     lanes = _lanes(_split(dense_blocks(g, block_rows), g, _nonfinite(o, do, bad=bad)))
     # With a last column of ones, [q / sqrt(dh), -lse] kh^T is s - lse and [do, -delta] vh^T
     # is dP - delta: each subtraction rides in its matmul instead of a pass over (H, R, C).
-    kh, vh = _heads_first(k, "kh", ones=True), _heads_first(v, "vh", ones=True)   # (H, N, dh + 1)
-    # every lane sums its own dk, dv, heads first; they are added in lane order at the end
+    kh, vh = _heads_first(k, "kh", ones=True), _heads_first(v, "vh", ones=True)   # (H, N, dh+1)
+    # each lane sums its own dk, dv, heads first; the lanes are added in order at the end
     acc = _buffer("dense dk dv", len(lanes) * 2 * dk.size, q.dtype).reshape(len(lanes), 2, H, N, dh)
 
     def lane(n):
@@ -511,25 +498,24 @@ def dense_backward(do, cache, dq, dk, dv):
             np.multiply(q[b.rows].transpose(1, 0, 2), 1 / math.sqrt(dh), out=q_b[..., :dh])
             q_b[..., dh] = -lse[b.rows].T
             _scores(q_b, kh, bias, g, b, s)                              # (H, R, C) s - lse
-            # backward of pass 3, o = P V: dP = do V^T (here less delta = sum_j P dP = <do, o>)
+            p = np.exp(s, out=s)                                         # (H, R, C)
+            # backward of pass 3, o = P V: dV = P^T do, dP = do V^T
             do_b[..., :dh] = do[b.rows].transpose(1, 0, 2)
-            np.einsum("rhd,rhd->hr", do[b.rows], o[b.rows], out=do_b[..., dh])
-            do_b[..., dh] *= -1
-            np.matmul(do_b, vh[:, b.cols].transpose(0, 2, 1), out=dp)    # (H, R, C) dP - delta
-            # backward of pass 2, the softmax: dS = P (dP - delta), with P = exp(s - lse)
-            _exp_times(s, dp)                          # s = P, dp = dS
-            p, ds = s, dp                                                # (H, R, C) each
-            np.matmul(p.transpose(0, 2, 1), do_b[..., :dh], out=t_c)    # and dV = P^T do
+            np.matmul(p.transpose(0, 2, 1), do_b[..., :dh], out=t_c)
             dv_l[:, b.cols] += t_c
+            np.einsum("rhd,rhd->hr", do[b.rows], o[b.rows], out=do_b[..., dh])
+            do_b[..., dh] *= -1                        # delta = sum_j P dP = <do, o>
+            np.matmul(do_b, vh[:, b.cols].transpose(0, 2, 1), out=dp)    # (H, R, C) dP - delta
+            # backward of pass 2, the softmax: dS = P (dP - delta)
+            ds = np.multiply(dp, p, out=dp)                              # (H, R, C)
             if bias is not None:
-                r, c = np.nonzero(_edge_mask(g, b, _cols(b)))
+                r, c = np.nonzero(_edge_mask(g, b, b.sources))
                 ds_edges[g.indptr[b.rows.start]:g.indptr[b.rows.stop]] = ds[:, r, c].T
             # backward of pass 1: s = q k^T / sqrt(dh)
             np.matmul(ds.transpose(0, 2, 1), q_b[..., :dh], out=t_c)
             dk_l[:, b.cols] += t_c
             np.matmul(ds, kh[:, b.cols, :dh], out=do_b[..., :dh])       # do_b's buffer: dq
-            do_b[..., :dh] *= 1 / math.sqrt(dh)
-            dq[b.rows] = do_b[..., :dh].transpose(1, 0, 2)
+            np.multiply(do_b[..., :dh].transpose(1, 0, 2), 1 / math.sqrt(dh), out=dq[b.rows])
     _map_threads(lane, range(len(lanes)))
 
     def add_lanes(h):                                                   # in lane order
@@ -543,100 +529,40 @@ def dense_backward(do, cache, dq, dk, dv):
 
 def dense_alpha(cache):
     q, k, v, o, lse, bias, g, block_rows, bad = cache
-    N, H, dh = q.shape
+    (N, H, dh), kh = q.shape, _heads_first(k, "kh")
     alpha = np.empty((g.num_edges, H), q.dtype)                         # (E, H) CSR order
-    kh = _heads_first(k, "kh")
     for b, (s, q_b) in _buffers(dense_blocks(g, block_rows), q.dtype,
                                 lambda R, C: [(H, R, C), (H, R, dh)]):
         np.multiply(q[b.rows].transpose(1, 0, 2), 1 / math.sqrt(dh), out=q_b)
         p = np.exp(_scores(q_b, kh, bias, g, b, s) - lse[b.rows].T[..., None])
-        r, c = np.nonzero(_edge_mask(g, b, _cols(b)))          # P at edges only: no 0 * NaN
+        r, c = np.nonzero(_edge_mask(g, b, b.sources))         # P at edges only: no 0 * NaN
         alpha[g.indptr[b.rows.start]:g.indptr[b.rows.stop]] = p[:, r, c].T
     return _input_order(alpha, g)
-
-
-def _heads_first(a, key, ones=False):
-    """a (N, H, dh) as (H, N, dh), with a last column of ones if asked, in a reused buffer: the
-    block matmuls then read each head's rows contiguously."""
-    N, H, dh = a.shape
-    out = _buffer("dense " + key, H * N * (dh + ones), a.dtype).reshape(H, N, dh + ones)
-
-    def copy(h):                                                        # a head per thread
-        out[h, :, :dh], out[h, :, dh:] = a[:, h], 1
-    _map_threads(copy, range(H))
-    return out
-
-
-@nb.njit(nogil=True, cache=True, fastmath=_REASSOC)
-def _exp_rows(s, m, den):
-    """s = exp(s - m) in place and den = its sums, row by row: the softmax's subtract, exp and
-    sum in one pass over the (H, R, C) block."""
-    H, R, C = s.shape
-    for h in range(H):
-        for r in range(R):
-            total = s.dtype.type(0)
-            for c in range(C):
-                s[h, r, c] = _exp(s[h, r, c] - m[h, r])
-                total += s[h, r, c]
-            den[h, r] = total
-
-
-@nb.njit(nogil=True, cache=True, fastmath=_REASSOC)
-def _exp_times(s, dp):
-    """s = exp(s) and dp = dp * exp(s), in place, in one pass over the (H, R, C) block."""
-    H, R, C = s.shape
-    for h in range(H):
-        for r in range(R):
-            for c in range(C):
-                s[h, r, c] = _exp(s[h, r, c])
-                dp[h, r, c] *= s[h, r, c]
-
-
-def _buffers(blocks, dtype, shapes):
-    """(b, arrays of the shapes(R, C) list) for each block b of R rows and C columns: views of
-    one buffer that this thread keeps between calls (see _buffer)."""
-    sizes = lambda b: [math.prod(s) for s in shapes(b.rows.stop - b.rows.start, _ncols(b))]
-    flat = _buffer("dense blocks", max([sum(sizes(b)) for b in blocks], default=0), dtype)
-    for b in blocks:
-        ends = np.cumsum(sizes(b))
-        yield b, [flat[e - n:e].reshape(s) for e, n, s in
-                  zip(ends, sizes(b), shapes(b.rows.stop - b.rows.start, _ncols(b)))]
-
-
-def _lanes(blocks):
-    """The blocks in contiguous runs of about equal work (rows x columns), one per thread."""
-    n = _threads()
-    work = np.cumsum([(b.rows.stop - b.rows.start) * _ncols(b) for b in blocks] or [0])
-    cuts = [0, *np.searchsorted(work, work[-1] * np.arange(1, n) / n, "right"), len(blocks)]
-    return [blocks[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 # ---------------------------------------------------------------- sparse
 # Numba kernels over the target CSR. prange runs over chunks of targets, which are independent;
 # the key and value gradients land on sources, so a second pass over the transposed CSR makes
 # them instead of racing. Each node is summed by one thread in a fixed order, so results are
-# the same bits for any thread count. Sums may be reassociated and fused (multiply-add) so that
-# LLVM vectorises the dh loops; no other fast-math flag is set, so inf and NaN keep their
-# meaning. The kernels gather rows at random (k_j and v_j of each source), which the CPU cannot
-# predict: each asks for the rows of the edge _AHEAD positions on (see _prefetch at the end).
+# the same bits for any thread count. The kernels gather rows at random (k_j and v_j of each
+# source), which the CPU cannot predict: each asks for the rows of the edge _AHEAD positions
+# on (see _prefetch at the end).
 SparseCache = namedtuple("SparseCache", "qkv o alpha g has_bias")
 SparseIndex = namedtuple("SparseIndex", "chunks t_indptr t_pos t_dst t_chunks")
 
 
 def sparse_bytes(g, n_heads, dtype, edge_bias=False):
-    """Bytes the sparse backend needs beyond its (N, H, dh) arrays: alpha and ds (E, H), with a
-    bias its copy in CSR order, and the graph's index arrays (CSR, transpose, edge list of a
-    structured graph): about 48 bytes per edge, built once per graph."""
+    """Bytes the sparse backend needs beyond its (N, H, dh) arrays: alpha, ds (and a bias) (E, H),
+    and the graph's index arrays (CSR, transpose): about 48 bytes per edge, built once."""
     return g.num_edges * ((2 + edge_bias) * n_heads * np.dtype(dtype).itemsize + 48)
 
 
 def _sparse_index(g):
     """Chunks of targets of equal work, and the CSR by source: out-edges of j as CSR positions."""
     def build():
-        dst = np.repeat(np.arange(g.num_nodes), np.diff(g.indptr))      # (E,) CSR order
         t_pos = np.argsort(g.src, kind="stable")                        # (E,)
         t_indptr = _indptr(g.src, g.num_nodes)
-        return SparseIndex(_balanced_chunks(g.indptr), t_indptr, t_pos, dst[t_pos],
+        return SparseIndex(_balanced_chunks(g.indptr), t_indptr, t_pos, _targets(g)[t_pos],
                            _balanced_chunks(t_indptr))
     return g.derived("sparse", build)
 
@@ -757,16 +683,13 @@ def sparse_backward(do, cache, dq, dk, dv):
     return _input_order(ds, g) if has_bias else None
 
 
-def sparse_alpha(cache):
-    return _input_order(cache.alpha, cache.g)
-
-
 # ---------------------------------------------------------------- API
 
-Backend = namedtuple("Backend", "forward backward alpha")
-BACKENDS = {"naive": Backend(naive_forward, naive_backward, naive_alpha),
+Backend = namedtuple("Backend", "forward backward alpha")      # alpha(cache): (E, H), input order
+BACKENDS = {"naive": Backend(naive_forward, naive_backward, lambda cache: cache.alpha.copy()),
             "dense": Backend(dense_forward, dense_backward, dense_alpha),
-            "sparse": Backend(sparse_forward, sparse_backward, sparse_alpha)}
+            "sparse": Backend(sparse_forward, sparse_backward,
+                              lambda cache: _input_order(cache.alpha, cache.g))}
 Cache = namedtuple("Cache", "backend x params o attention has_bias")
 
 
@@ -776,8 +699,7 @@ def forward(x, g, params, backend="auto", edge_bias=None):
     if not isinstance(g, Graph):
         raise TypeError(f"g must be a Graph, got {type(g).__name__}")
     if backend not in (*BACKENDS, "auto"):
-        raise ValueError(f"unknown backend {backend!r}; valid backends are "
-                         f"{', '.join(BACKENDS)} and auto")
+        raise ValueError(f"unknown backend {backend!r}; valid ones: {', '.join(BACKENDS)}, auto")
     x = _as_float_array("x", x)
     if x.ndim != 2 or x.shape[0] != g.num_nodes:
         raise ValueError(f"x must have shape (num_nodes={g.num_nodes}, D), got {x.shape}")
@@ -788,7 +710,7 @@ def forward(x, g, params, backend="auto", edge_bias=None):
     if backend == "auto":
         backend = choose_backend(g, H, dh, x.dtype, edge_bias is not None)[0]
     with _one_blas_thread():
-        q, k, v = _project(x, p, _split_matmul)                        # (N, H, dh) each
+        q, k, v = _project(x, p)                                        # (N, H, dh) each
         o, attention = BACKENDS[backend].forward(q, k, v, edge_bias, g)
         y = _split_matmul(o.reshape(N, H * dh), p["Wo"].reshape(H * dh, D))   # y = o Wo + bo
         y += p["bo"]
@@ -812,7 +734,7 @@ def backward(dy, cache):
         ds = BACKENDS[backend].backward(do, attention, dqkv[:, 0], dqkv[:, 1], dqkv[:, 2])
         if has_bias:
             grads["edge_bias"] = ds                                     # s = ... + edge_bias
-        dx = _project_backward(dqkv, x, p, grads, _split_matmul)
+        dx = _project_backward(dqkv, x, p, grads)
     return dx, grads
 
 
@@ -837,14 +759,15 @@ def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
     inf, so auto never picks one that would raise MemoryError while the other fits."""
     H, dh, c, scale = n_heads, d_head, COST, np.dtype(dtype).itemsize / 4
     blocks = dense_blocks(g)
-    size = lambda b, cols: (b.rows.stop - b.rows.start) * cols
-    pairs = sum(size(b, _ncols(b)) for b in blocks)
-    masked = sum(size(b, b.ragged.stop - b.ragged.start) for b in blocks if b.ragged is not None)
+    pairs = sum(b.R * b.C for b in blocks)
+    masked = sum(b.R * (b.ragged.stop - b.ragged.start) for b in blocks if b.ragged is not None)
+    general_edges = g.num_edges if g.ranges is None or edge_bias else 0
     cost = {"dense": c["dense_call"] + c["dense_block"] * len(blocks) + scale * (
-                H * pairs * (c["dense_pair"] + dh * c["dense_mac"]) + masked * c["dense_masked_pair"]
-                + (g.ranges is None or edge_bias) * g.num_edges * c["dense_general_edge"]),
-            "sparse": c["sparse_call"] + scale * (H * g.num_edges * (c["sparse_edge"] + dh * c["sparse_mac"])
-                                                  + g.num_nodes * c["sparse_node"])}
+                H * pairs * (c["dense_pair"] + dh * c["dense_mac"])
+                + masked * c["dense_masked_pair"] + general_edges * c["dense_general_edge"]),
+            "sparse": c["sparse_call"] + scale * (
+                H * g.num_edges * (c["sparse_edge"] + dh * c["sparse_mac"])
+                + g.num_nodes * c["sparse_node"])}
     for name, need in (("dense", dense_bytes), ("sparse", sparse_bytes)):
         if need(g, H, dtype, edge_bias) > available_bytes():
             cost[name] = math.inf
@@ -884,8 +807,7 @@ def _check_params(params, D, dtype):
 
 def _check_cache(cache):
     if not isinstance(cache, Cache):
-        raise TypeError(f"cache must be the second value forward returned, "
-                        f"got {type(cache).__name__}")
+        raise TypeError(f"cache must be forward's second value, got {type(cache).__name__}")
 
 
 # ---------------------------------------------------------------- positional encodings
@@ -900,15 +822,13 @@ def sinusoidal_pe(n, d):
 
 
 def laplacian_pe(g, k, rng=None):
-    """(N, k) Laplacian eigenvector encodings (Dwivedi & Bresson 2020).
-
-    Eigenvectors of L = I - D^-1/2 A D^-1/2 on the undirected version of g, self-loops ignored,
-    in ascending eigenvalue order, the first one dropped. An isolated node has D^-1/2 = 0, so its
-    row of L is the identity's: its indicator is an eigenvector, eigenvalue 1. Sign: each
-    column's entry of largest magnitude is positive (the first on ties); with an rng, column
-    signs are then flipped at random, as in training. Columns past the N - 1 the graph has are 0.
-    A dense eigendecomposition: O(N^3) time and about 4 N^2 floats of memory.
-    """
+    """(N, k) Laplacian eigenvector encodings (Dwivedi & Bresson 2020): eigenvectors of
+    L = I - D^-1/2 A D^-1/2 on the undirected version of g, self-loops ignored, in ascending
+    eigenvalue order, the first one dropped. An isolated node has D^-1/2 = 0, so its row of L is
+    the identity's: its indicator is an eigenvector, eigenvalue 1. Sign: each column's entry of
+    largest magnitude is positive (the first on ties); with an rng, column signs are then flipped
+    at random, as in training. Columns past the N - 1 the graph has are 0. A dense
+    eigendecomposition: O(N^3) time and about 4 N^2 floats of memory."""
     if not isinstance(g, Graph):
         raise TypeError(f"g must be a Graph, got {type(g).__name__}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
@@ -970,49 +890,10 @@ def _prefetch(typingctx, a, i, offset):
 
 
 @nb.njit(inline="always")
-def _prefetch_bytes(a, i, start, stop):
-    for b in range(start, stop, _LINE):                 # bytes start:stop of row a[i]
+def _prefetch_bytes(a, i, start, stop):                 # bytes start:stop of row a[i]
+    for b in range(start, stop, _LINE):
         _prefetch(a, i, b)
     _prefetch(a, i, stop - 1)                           # the last line, when rows are not aligned
-
-
-@intrinsic
-def _float_from_bits(typingctx, i):
-    """The float32 (float64) whose bits are those of the int32 (int64) i."""
-    ret = {nb.types.int32: nb.types.float32, nb.types.int64: nb.types.float64}[i]
-    return ret(i), lambda context, builder, sig, args: builder.bitcast(
-        args[0], context.get_value_type(ret))
-
-
-def _exp(x):
-    """exp(x) for x <= 0 (or NaN) inside Numba kernels, written so that LLVM vectorises it:
-    Numba's np.exp calls libm one value at a time (the registry's llvmlite has no SVML)."""
-
-
-def _exp_impl(t, it, mantissa, bias, lowest, ln2_hi, ln2_lo, degree):
-    """exp in float type t: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial of
-    the given degree, 2^n written into the exponent bits; 0 below the smallest normal float."""
-    coefs = tuple(1 / math.factorial(d) for d in range(degree, -1, -1))
-
-    def exp(x):
-        n = np.floor(x * t(1 / math.log(2)) + t(0.5))
-        r = (x - n * t(ln2_hi)) - n * t(ln2_lo)
-        p = t(0)
-        for c in coefs:
-            p = p * r + t(c)
-        n = n if n > t(lowest) else t(lowest)          # a valid exponent, even for -inf and NaN
-        e = p * _float_from_bits(it((np.int64(n) + bias) << mantissa))
-        return e if x >= t(lowest * math.log(2)) else (x if x != x else t(0))
-    return exp
-
-
-@overload(_exp, inline="always")
-def _exp_overload(x):
-    return {nb.types.float32: _exp_impl(np.float32, np.int32, 23, 127, -126, 0.693359375,
-                                        -2.12194440e-4, 7),
-            nb.types.float64: _exp_impl(np.float64, np.int64, 52, 1023, -1022,
-                                        6.93147180369123816490e-01, 1.90821492927058770002e-10,
-                                        13)}.get(x)
 
 
 def _threads():
@@ -1024,9 +905,9 @@ def _threads():
 @cache
 def _start_numba_threads():
     """Starts Numba's threads (as its first parallel call or get_num_threads would) with
-    OMP_WAIT_POLICY=passive unless it is set, then restores the environment: idle OpenMP
-    threads then sleep at once instead of spinning on the cores that gtx's Python threads need
-    next. The OpenMP runtime reads the variable once, when Numba loads it; nothing else sees it."""
+    OMP_WAIT_POLICY=passive unless set, then restores the environment: idle OpenMP threads sleep
+    at once instead of spinning on the cores gtx's Python threads need next. The OpenMP runtime
+    reads it once, when Numba loads it; nothing else sees it."""
     before = os.environ.get("OMP_WAIT_POLICY")
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     try:
@@ -1039,13 +920,11 @@ def _start_numba_threads():
 _BLAS = ThreadpoolController()
 
 
-@contextlib.contextmanager
 def _one_blas_thread():
-    """BLAS on one thread while gtx runs: Python threads, as many as Numba's, split the work
-    instead. Idle BLAS threads spin after each call on the cores that the next step needs;
-    idle Python threads sleep."""
-    with _BLAS.limit(limits=1, user_api="blas"):
-        yield
+    """A context: BLAS on one thread while gtx runs, and Python threads, as many as Numba's,
+    split the work instead. Idle BLAS threads spin after each call on the cores that the next
+    step needs; idle Python threads sleep."""
+    return _BLAS.limit(limits=1, user_api="blas")
 
 
 @cache
@@ -1061,13 +940,40 @@ _THREAD = threading.local()
 
 
 def _buffer(key, n, dtype):
-    """n elements of dtype from a buffer this thread keeps, per key, between calls (grown when
-    too small): big temporaries allocated afresh each call pay page faults, since glibc hands
-    large freed blocks back to the OS. Valid until the next call with that key in this thread."""
+    """n elements of dtype from a buffer this thread keeps per key between calls: temporaries
+    made afresh would pay page faults each call, as glibc hands large freed blocks back to the
+    OS. Valid until the next call with that key in this thread."""
     bufs, nbytes = _THREAD.__dict__.setdefault("bufs", {}), n * np.dtype(dtype).itemsize
     if key not in bufs or bufs[key].size < nbytes:
         bufs[key] = np.empty(nbytes, np.uint8)
     return bufs[key][:nbytes].view(dtype)
+
+
+def _heads_first(a, key, ones=False):
+    """a (N, H, dh) as (H, N, dh), with a last column of ones if asked, in a reused buffer: the
+    dense blocks' matmuls then read each head's rows contiguously. A head per thread."""
+    N, H, dh = a.shape
+    out = _buffer("dense " + key, H * N * (dh + ones), a.dtype).reshape(H, N, dh + ones)
+    _map_threads(lambda h: (np.copyto(out[h, :, :dh], a[:, h]), out[h, :, dh:].fill(1)), range(H))
+    return out
+
+
+def _buffers(blocks, dtype, shapes):
+    """(b, arrays of the shapes(R, C) list) for each block b, views of one reused buffer."""
+    sizes = lambda b: [math.prod(shape) for shape in shapes(b.R, b.C)]
+    flat = _buffer("dense blocks", max([sum(sizes(b)) for b in blocks], default=0), dtype)
+    for b in blocks:
+        ends = np.cumsum(sizes(b))
+        yield b, [flat[e - n:e].reshape(x) for e, n, x in zip(ends, sizes(b), shapes(b.R, b.C))]
+
+
+def _lanes(blocks):
+    """The dense blocks in contiguous runs of about equal work, one per Python thread (BLAS on
+    one thread each). A lane sums its own key and value gradients; lanes are added in order."""
+    n = _threads()
+    work = np.cumsum([b.R * b.C for b in blocks] or [0])
+    cuts = [0, *np.searchsorted(work, work[-1] * np.arange(1, n) / n, "right"), len(blocks)]
+    return [blocks[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def _map_threads(fn, items):
@@ -1077,11 +983,10 @@ def _map_threads(fn, items):
 
 
 def _split_matmul(a, b, out=None, max_blocks=4, min_work=2**23):
-    """a @ b (into out, if given) by blocks on Python threads. The longer of a's rows (M) and
-    the summed dimension (K) is cut into up to max_blocks blocks of at least min_work
-    multiply-adds, a number fixed by the shapes alone, so that the result does not depend on
-    the thread count. Blocks of rows fill their rows of the output; blocks of the sum give
-    products that are added in order."""
+    """a @ b (into out, if given) on Python threads: the longer of a's rows (M) and the summed
+    dimension (K) is cut into up to max_blocks blocks of at least min_work multiply-adds, fixed
+    by the shapes alone so that results do not depend on the thread count. Row blocks fill
+    their rows of the output; blocks of the sum give products that are added in order."""
     (M, K), n = a.shape, b.shape[1]
     L, blocks = max(M, K), max(1, min(max_blocks, M * K * n // min_work))
     cuts = [slice(c * L // blocks, (c + 1) * L // blocks) for c in range(blocks)]
