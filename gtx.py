@@ -345,9 +345,10 @@ def naive_backward(do, cache, dq, dk, dv):
 DenseCache = namedtuple("DenseCache", "q k v o lse bias g block_rows bad")
 
 
-class Block(namedtuple("Block", "rows cols ragged")):
-    """rows: a slice of targets; cols: their sources, a slice (structured graphs) or a sorted
-    array (general graphs); ragged: a slice of cols where some pair is not an edge, or None."""
+class Block(namedtuple("Block", "rows cols ragged mask", defaults=[None, None])):
+    """rows: a slice of targets; cols: their sources, a slice or a sorted array; ragged: a slice
+    of cols where some pair is not an edge, or None; mask (R, ragged) float32: 0 at edges, -inf
+    elsewhere, added to the scores (they are finite there, see _split: a selection, not a sum)."""
     R = property(lambda b: b.rows.stop - b.rows.start)
     C = property(lambda b: b.cols.stop - b.cols.start if isinstance(b.cols, slice) else b.cols.size)
     sources = property(lambda b: np.arange(b.cols.start, b.cols.stop) if isinstance(b.cols, slice)
@@ -355,10 +356,9 @@ class Block(namedtuple("Block", "rows cols ragged")):
 
 
 def dense_blocks(g, block_rows=None):
-    """The blocks of target rows, built once per graph. They keep the graphs of a batch whole
-    where they fit in block_rows: by default 256 where targets have 256 in-edges or more on
-    average, else 128 (bigger blocks make bigger matmuls; smaller ones waste less on windows
-    and small graphs)."""
+    """The blocks of target rows, built once per graph, keeping the graphs of a batch whole where
+    they fit in block_rows: by default 256 where targets have 256 in-edges or more on average, else
+    128 (bigger blocks make bigger matmuls; smaller ones waste less on windows and small graphs)."""
     R = block_rows or (256 if g.num_edges >= 256 * g.num_nodes else 128)
 
     def plan():
@@ -372,24 +372,32 @@ def dense_blocks(g, block_rows=None):
             if g.ranges is None:
                 cols = np.unique(g.src[g.indptr[r0]:g.indptr[r1]])
                 full = g.indptr[r1] - g.indptr[r0] == (r1 - r0) * cols.size
-                yield Block(slice(r0, r1), cols, None if full else slice(0, cols.size))
-                continue
-            lo, hi = g.ranges[0][r0:r1], g.ranges[1][r0:r1]
-            c0, c1, f0, f1 = lo.min(), hi.max(), lo.max(), hi.min()   # [f0, f1): in every row
-            gaps = [(c0, f0), (f1, c1)] if f0 < f1 else [(c0, c1)]
-            gaps += [] if g.self_loops else [(max(r0, c0), min(r1, c1))]   # the diagonal
-            gaps = [(a - c0, b - c0) for a, b in gaps if a < b]
-            ragged = slice(min(a for a, _ in gaps), max(b for _, b in gaps)) if gaps else None
-            yield Block(slice(r0, r1), slice(c0, c1), ragged)
+                ragged = None if full else slice(0, cols.size)
+                if cols.size and cols[-1] - cols[0] + 1 == cols.size:      # contiguous: a view
+                    cols = slice(cols[0], cols[-1] + 1)
+                b = Block(slice(r0, r1), cols, ragged)
+            else:
+                lo, hi = g.ranges[0][r0:r1], g.ranges[1][r0:r1]
+                c0, c1, f0, f1 = lo.min(), hi.max(), lo.max(), hi.min()   # [f0, f1): every row's
+                gaps = [(c0, f0), (f1, c1)] if f0 < f1 else [(c0, c1)]
+                gaps += [] if g.self_loops else [(max(r0, c0), min(r1, c1))]   # the diagonal
+                gaps = [(a - c0, b - c0) for a, b in gaps if a < b]
+                ragged = slice(min(a for a, _ in gaps), max(b for _, b in gaps)) if gaps else None
+                b = Block(slice(r0, r1), slice(c0, c1), ragged)
+            edge = b.ragged and _edge_mask(g, b, b.sources[b.ragged])
+            yield b if edge is None else b._replace(mask=np.where(edge, 0, -np.inf).astype("f4"))
     return g.derived(("dense", R), lambda: list(plan()))
 
 
 def dense_bytes(g, n_heads, dtype, edge_bias=False, block_rows=None):
     """Bytes the dense backend needs beyond its (N, H, dh) arrays: three (H, R, C) blocks of
-    scratch per thread (four with an edge bias), and an edge bias's (E, H) copy and gradient."""
-    cells = max([b.R * b.C for b in dense_blocks(g, block_rows)], default=0)
-    item = np.dtype(dtype).itemsize
-    return (_threads() * (3 + edge_bias) * cells + 2 * edge_bias * g.num_edges) * n_heads * item
+    scratch per thread (four with an edge bias), an edge bias's (E, H) copy and gradient, and
+    the blocks' masks (4 bytes a pair, built once per graph)."""
+    blocks, item = dense_blocks(g, block_rows), np.dtype(dtype).itemsize
+    cells = max([b.R * b.C for b in blocks], default=0)
+    masks = sum(b.mask.nbytes for b in blocks if b.mask is not None)
+    scratch = _threads() * (3 + edge_bias) * cells + 2 * edge_bias * g.num_edges
+    return scratch * n_heads * item + masks
 
 
 def _edge_mask(g, b, cols):
@@ -417,14 +425,13 @@ def _scores(q_b, kh, bias, g, b, s):
         tile[:, r, c] = bias[g.indptr[b.rows.start]:g.indptr[b.rows.stop]].T
         s += tile
     elif b.ragged is not None:
-        np.copyto(s[:, :, b.ragged], -np.inf, where=~_edge_mask(g, b, b.sources[b.ragged]))
+        s[:, :, b.ragged] += b.mask
     return s
 
 
 def _split(blocks, g, bad):
-    """Blocks with a non-finite input where some pair is not an edge, cut into one block per row
-    over that row's own sources, so that inf and NaN reach only what naive lets them reach
-    (through a masked pair, 0 * NaN would reach rows that do not attend to the node)."""
+    """Blocks with a non-finite input and a non-edge pair, cut into a block per row over its own
+    sources: inf and NaN reach only what naive lets them (0 * NaN through a non-edge would not)."""
     if bad is None:
         return blocks
     out = []
@@ -433,7 +440,7 @@ def _split(blocks, g, bad):
             out.append(b)
             continue
         for i in range(b.rows.start, b.rows.stop):
-            row = Block(slice(i, i + 1), b.sources, None)
+            row = Block(slice(i, i + 1), b.sources)
             out.append(row._replace(cols=b.sources[_edge_mask(g, row, b.sources)[0]]))
     return out
 
@@ -744,30 +751,25 @@ def attention_weights(cache):
     return BACKENDS[cache.backend].alpha(cache.attention)
 
 
-# Seconds, fitted to the attention alone (forward plus backward, float32, 2 threads, one 2-core
-# Xeon) timed on 28 graphs, bench.py's workloads among them. Each backend pays per call and per
-# unit of work; float64 costs both backends about twice as much, so it scales the work terms.
-COST = dict(dense_call=1.0e-3, dense_block=2.8e-4, dense_pair=2.9e-9, dense_mac=4.8e-11,
-            dense_masked_pair=3.5e-9, dense_general_edge=7.6e-8,
-            sparse_call=1.7e-4, sparse_edge=1.0e-8, sparse_mac=4.3e-10, sparse_node=2.6e-7)
+# Seconds, fitted to the attention alone (forward plus backward, float32, no edge bias, 2
+# threads, one 2-core Xeon) timed on 28 graphs, bench.py's workloads among them: a cost per call,
+# per block, per (row, column) pair of the blocks and head and per edge and head, and one per
+# multiply-add for each. float64 costs both backends about twice as much.
+COST = dict(dense_call=1.1e-3, dense_block=2.4e-4, dense_pair=3.1e-9, dense_mac=5.0e-11,
+            sparse_call=1.8e-4, sparse_edge=9.9e-9, sparse_mac=4.7e-10, sparse_node=2.4e-7)
 
 
 def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
-    """("dense" or "sparse", {backend: estimated seconds of the attention, forward plus backward}).
-    Dense pays for every (row, column) pair of its blocks and per block; sparse pays for every
-    edge, and more per unit: gathers instead of matmuls. A backend whose memory does not fit gets
-    inf, so auto never picks one that would raise MemoryError while the other fits."""
+    """("dense" or "sparse", {backend: estimated seconds of the attention, forward and backward}):
+    dense pays for every (row, column) pair of its blocks, sparse for every edge, more per unit.
+    A backend whose memory does not fit gets inf: auto never picks one that would MemoryError."""
     H, dh, c, scale = n_heads, d_head, COST, np.dtype(dtype).itemsize / 4
     blocks = dense_blocks(g)
     pairs = sum(b.R * b.C for b in blocks)
-    masked = sum(b.R * (b.ragged.stop - b.ragged.start) for b in blocks if b.ragged is not None)
-    general_edges = g.num_edges if g.ranges is None or edge_bias else 0
-    cost = {"dense": c["dense_call"] + c["dense_block"] * len(blocks) + scale * (
-                H * pairs * (c["dense_pair"] + dh * c["dense_mac"])
-                + masked * c["dense_masked_pair"] + general_edges * c["dense_general_edge"]),
-            "sparse": c["sparse_call"] + scale * (
-                H * g.num_edges * (c["sparse_edge"] + dh * c["sparse_mac"])
-                + g.num_nodes * c["sparse_node"])}
+    cost = {"dense": c["dense_call"] + c["dense_block"] * len(blocks)
+            + scale * H * pairs * (c["dense_pair"] + dh * c["dense_mac"]),
+            "sparse": c["sparse_call"] + scale * g.num_nodes * c["sparse_node"]
+            + scale * H * g.num_edges * (c["sparse_edge"] + dh * c["sparse_mac"])}
     for name, need in (("dense", dense_bytes), ("sparse", sparse_bytes)):
         if need(g, H, dtype, edge_bias) > available_bytes():
             cost[name] = math.inf
@@ -823,12 +825,11 @@ def sinusoidal_pe(n, d):
 
 def laplacian_pe(g, k, rng=None):
     """(N, k) Laplacian eigenvector encodings (Dwivedi & Bresson 2020): eigenvectors of
-    L = I - D^-1/2 A D^-1/2 on the undirected version of g, self-loops ignored, in ascending
-    eigenvalue order, the first one dropped. An isolated node has D^-1/2 = 0, so its row of L is
-    the identity's: its indicator is an eigenvector, eigenvalue 1. Sign: each column's entry of
-    largest magnitude is positive (the first on ties); with an rng, column signs are then flipped
-    at random, as in training. Columns past the N - 1 the graph has are 0. A dense
-    eigendecomposition: O(N^3) time and about 4 N^2 floats of memory."""
+    L = I - D^-1/2 A D^-1/2 on the undirected version of g, self-loops ignored, ascending, the first
+    dropped. An isolated node has D^-1/2 = 0, so its row of L is the identity's: its indicator is an
+    eigenvector, eigenvalue 1. Sign: in each column the entry of largest magnitude (the first on
+    ties) is positive; with an rng, signs are then flipped at random, as in training. Columns past
+    the N - 1 the graph has are 0. A dense eigendecomposition: O(N^3) time, about 4 N^2 floats."""
     if not isinstance(g, Graph):
         raise TypeError(f"g must be a Graph, got {type(g).__name__}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
