@@ -31,7 +31,7 @@ import time
 import numba
 import numpy as np
 import psutil
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_info
 
 import gtx
 
@@ -43,22 +43,27 @@ START = time.perf_counter()
 
 def config(quick):
     """Workloads (name, graph spec, D, H, dh) and budgets. The density sweep's 5% point is mid."""
-    if quick:
-        return dict(repeats=3, row_budget=2.0, naive_max_edges=5000, memory=("transformer",), n=256,
-                    densities=(0.01, 0.05, 0.3, 1.0), sweep_dims=(32, 2, 16), learn="quick", workloads=[
-                        ("small", ("random", 200, 8), 16, 2, 8), ("transformer", ("complete", 128), 32, 2, 16),
-                        ("sparse", ("random", 4000, 8), 16, 2, 8), ("powerlaw", ("ba", 1000, 4), 16, 2, 8),
-                        ("molecules", ("molecules", 50, 5, 12), 16, 2, 8),
-                        ("window", ("window", 1024, 32), 32, 2, 16), ("causal", ("causal", 256), 32, 2, 16),
-                        ("long", ("complete", 512), 32, 2, 16)])
+    if quick:                                   # the same code paths on tiny shapes
+        return dict(repeats=3, row_budget=2.0, naive_max_edges=5000, memory=("transformer",),
+                    n=256, densities=(0.01, 0.05, 0.3, 1.0), sweep_dims=(32, 2, 16), learn="quick",
+                    workloads=[("small", ("random", 200, 8), 16, 2, 8),
+                               ("transformer", ("complete", 128), 32, 2, 16),
+                               ("sparse", ("random", 4000, 8), 16, 2, 8),
+                               ("powerlaw", ("ba", 1000, 4), 16, 2, 8),
+                               ("molecules", ("molecules", 50, 5, 12), 16, 2, 8),
+                               ("window", ("window", 1024, 32), 32, 2, 16),
+                               ("causal", ("causal", 256), 32, 2, 16),
+                               ("long", ("complete", 512), 32, 2, 16)])
     return dict(repeats=5, row_budget=10.0, naive_max_edges=20_000, memory="all", n=2048,
                 densities=(0.001, 0.003, 0.01, 0.03, 0.05, 0.1, 0.3, 1.0), sweep_dims=(128, 4, 32),
-                learn="default", workloads=[
-                    ("small", ("random", 1000, 16), 64, 4, 16), ("transformer", ("complete", 1024), 256, 4, 64),
-                    ("sparse", ("random", 20000, 16), 64, 4, 16), ("powerlaw", ("ba", 10000, 8), 64, 4, 16),
-                    ("molecules", ("molecules", 1000, 15, 35), 64, 4, 16),
-                    ("window", ("window", 16384, 128), 256, 4, 64), ("causal", ("causal", 4096), 256, 4, 64),
-                    ("long", ("complete", 8192), 256, 4, 64)])
+                learn="default", workloads=[("small", ("random", 1000, 16), 64, 4, 16),
+                                            ("transformer", ("complete", 1024), 256, 4, 64),
+                                            ("sparse", ("random", 20000, 16), 64, 4, 16),
+                                            ("powerlaw", ("ba", 10000, 8), 64, 4, 16),
+                                            ("molecules", ("molecules", 1000, 15, 35), 64, 4, 16),
+                                            ("window", ("window", 16384, 128), 256, 4, 64),
+                                            ("causal", ("causal", 4096), 256, 4, 64),
+                                            ("long", ("complete", 8192), 256, 4, 64)])
 
 
 # ---------------------------------------------------------------- graphs and inputs
@@ -441,7 +446,7 @@ def ratio(a, b):
     return f"{a / b:.0f}x" if a / b >= 10 else f"{a / b:.1f}x"
 
 
-def verdicts(recs, cross, n, threads, memory):
+def verdicts(recs, cross, n, memory):
     by = {r["name"]: r for r in recs}
     t = lambda name, b: total_s(by[name]["rows"][b]) if name in by else None
     out = []
@@ -471,14 +476,14 @@ def verdicts(recs, cross, n, threads, memory):
         worst = max(autos)
         out.append(f"auto: within {worst[0]:.2f}x of the faster backend on every workload "
                    f"(worst: {worst[1]})")
-    if threads:
-        out.append("speed-up from 1 thread: " + ", ".join(f"{k} {v:.2f}x" for k, v in threads.items()))
-    for (name, b), m in memory.items():
-        if name in ("long", "sparse") and "peak_bytes" in m:
-            other = "sparse" if b == "dense" else "dense"
-            need = needs(other, build_graph(by[name]["graph"]), by[name]["H"], np.dtype(DTYPE))
-            out.append(f"memory on {name}: {b} peak {m['peak_bytes'] / MiB:.0f} MiB; "
-                       f"{other} needs {need / MiB:,.0f} MiB (gtx.{other}_bytes)")
+    for name in ("long", "sparse"):
+        peaks = {b: memory[name, b]["peak_bytes"] for b in ("dense", "sparse")
+                 if "peak_bytes" in memory.get((name, b), {})}
+        if peaks:
+            not_run = {b: needs(b, build_graph(by[name]["graph"]), by[name]["H"], np.dtype(DTYPE))
+                       for b in ("dense", "sparse") if b not in peaks}
+            out.append(f"memory on {name}: " + ", ".join(f"{b} peak {v / MiB:,.0f} MiB" for b, v in peaks.items())
+                       + "".join(f"; {b} would need {v / MiB:,.0f} MiB (gtx.{b}_bytes)" for b, v in not_run.items()))
     return out
 
 
@@ -579,19 +584,7 @@ def main():
             spec = ("complete", n) if d == 1 else ("density", n, d)
             sweep.append(measure_workload("mid (5%)" if d == 0.05 else f"{100 * d:g}%", spec, D, H, dh,
                                           cfg, dtype, print_row))
-        cross = crossover(sweep)
-        speedup = {}
-        for name, b in (("transformer", "dense"), ("sparse", "sparse"), ("powerlaw", "sparse")):
-            r = next(r for r in recs if r["name"] == name)
-            if threads > 1 and "times" in r["rows"][b]:
-                g = build_graph(r["graph"])
-                inputs = make_inputs(g, r["D"], r["H"], r["dh"], dtype)
-                with threadpool_limits(1):
-                    numba.set_num_threads(1)
-                    one = time_runs(b, g, *inputs, cfg["repeats"] + 1)["total"][1:]
-                    numba.set_num_threads(threads)
-                speedup[f"{name} {b}"] = float(np.median(one)) / total_s(r["rows"][b])
-        memory = {}
+        cross, memory = crossover(sweep), {}
         jobs = [(r, b) for r in recs for b in ("dense", "sparse") if "times" in r["rows"][b]
                 and (cfg["memory"] == "all" or r["name"] in cfg["memory"])]
         if jobs:
@@ -603,8 +596,8 @@ def main():
             print(f"  {r['name']:<12} {b:<7}" + (f"{m['peak_bytes'] / MiB:8.0f} MiB" if "peak_bytes" in m
                                                   else f" failed: {m['error']}")
                   + f"   (gtx.{b}_bytes: {need / MiB:,.0f} MiB beyond the (N, H, dh) arrays)", flush=True)
-        lines += verdicts(recs, cross, n, speedup, memory)
-        result.update(compile=compile_, workloads=recs, sweep=sweep, crossover=cross, thread_speedup=speedup,
+        lines += verdicts(recs, cross, n, memory)
+        result.update(compile=compile_, workloads=recs, sweep=sweep, crossover=cross,
                       memory={f"{k[0]} {k[1]}": v for k, v in memory.items()})
         if args.plot or not args.quick:
             plot(args.plot or "bench-latest.png", recs, sweep, cross, n)

@@ -770,9 +770,9 @@ def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
             + scale * H * pairs * (c["dense_pair"] + dh * c["dense_mac"]),
             "sparse": c["sparse_call"] + scale * g.num_nodes * c["sparse_node"]
             + scale * H * g.num_edges * (c["sparse_edge"] + dh * c["sparse_mac"])}
+    have = available_bytes()
     for name, need in (("dense", dense_bytes), ("sparse", sparse_bytes)):
-        if need(g, H, dtype, edge_bias) > available_bytes():
-            cost[name] = math.inf
+        cost[name] = math.inf if need(g, H, dtype, edge_bias) > have else cost[name]
     return min(cost, key=cost.get), cost
 
 
