@@ -154,9 +154,9 @@ def _to_csr(a, g):
 
 
 def _input_order(a, g):
-    """(E, ...) from CSR order back to the graph's input edge order."""
+    """(E, ...) from CSR order back to the graph's input edge order, as a new array."""
     if g.ranges is not None:                # a structured graph lists its edges in CSR order
-        return a
+        return a.copy()
     out = np.empty_like(a)
     out[g.perm] = a
     return out
@@ -262,18 +262,6 @@ def _project_backward(dqkv, x, p, grads):
     for n, c in enumerate("qkv"):
         grads["W" + c], grads["b" + c] = dW[:, n], db[n]
     return _split_matmul(d, _w_qkv(p).T)                                # (N, D)
-
-
-def _packed(q, k, v):
-    """(N, 3, H, dh) with q, k, v at [:, 0], [:, 1], [:, 2]: a view when they already lie so in
-    memory, each node's q, k, v one after another (as _project makes them), else a copy."""
-    N, H, dh = q.shape
-    row = q.itemsize * H * dh                                           # bytes of one (H, dh)
-    if (q.dtype == k.dtype == v.dtype and q.strides == k.strides == v.strides
-            == (3 * row, q.itemsize * dh, q.itemsize)
-            and k.ctypes.data - q.ctypes.data == v.ctypes.data - k.ctypes.data == row):
-        return np.lib.stride_tricks.as_strided(q, (N, 3, H, dh), (3 * row, row, *q.strides[1:]))
-    return np.stack((q, k, v), 1)
 
 
 # ---------------------------------------------------------------- naive
@@ -981,6 +969,18 @@ def _map_threads(fn, items):
     """list(map(fn, items)), on as many Python threads as Numba has."""
     n = _threads()
     return list(_python_threads(n).map(fn, items) if n > 1 and len(items) > 1 else map(fn, items))
+
+
+def _packed(q, k, v):
+    """(N, 3, H, dh) with q, k, v at [:, 0], [:, 1], [:, 2]: a view when they already lie so in
+    memory, each node's q, k, v one after another (as _project makes them), else a copy."""
+    N, H, dh = q.shape
+    row = q.itemsize * H * dh                                           # bytes of one (H, dh)
+    if (q.dtype == k.dtype == v.dtype and q.strides == k.strides == v.strides
+            == (3 * row, q.itemsize * dh, q.itemsize)
+            and k.ctypes.data - q.ctypes.data == v.ctypes.data - k.ctypes.data == row):
+        return np.lib.stride_tricks.as_strided(q, (N, 3, H, dh), (3 * row, row, *q.strides[1:]))
+    return np.stack((q, k, v), 1)
 
 
 def _split_matmul(a, b, out=None, max_blocks=4, min_work=2**23):

@@ -416,6 +416,17 @@ def test_inputs_are_not_mutated(backend):
         assert np.array_equal(a, b), f"{backend} mutated {name}"
 
 
+@pytest.mark.parametrize("graph", ["fd", "complete"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_weights_are_a_copy(backend, graph):
+    g = make_graph(FD_EDGES, 5) if graph == "fd" else gtx.complete_graph(5)
+    x, p, dy, _ = make_inputs(g, seed=27, bias=False)
+    _, cache = gtx.forward(x, g, p, backend=backend)
+    before = gtx.backward(dy, cache)[0]
+    gtx.attention_weights(cache)[:] = 7                # the caller's to change: the cache is untouched
+    assert np.array_equal(gtx.backward(dy, cache)[0], before), f"{backend}: alpha shared with the cache"
+
+
 # ---------------------------------------------------------------- bad input
 
 BAD_GRAPHS = {
