@@ -324,8 +324,8 @@ def naive_backward(do, cache, dq, dk, dv):
 
 # ---------------------------------------------------------------- dense
 # As a Transformer computes: for each block of target rows, the scores against the source
-# columns the block needs are one matmul, non-edges are set to -inf by selection (only where
-# the block is not full), then the softmax, then P V. Complete, causal, window and batched
+# columns the block needs are one matmul, non-edges are set to -inf (only where the block is
+# not full), then the softmax, then P V. Complete, causal, window and batched
 # structured graphs give each block a contiguous range of columns; a general graph gives the
 # sources found in the block's CSR rows. The backward recomputes each block's probabilities
 # from q, k and the log-sum-exp kept by the forward (as FlashAttention does): nothing of size
@@ -336,7 +336,7 @@ DenseCache = namedtuple("DenseCache", "q k v o lse bias g block_rows bad")
 class Block(namedtuple("Block", "rows cols ragged mask", defaults=[None, None])):
     """rows: a slice of targets; cols: their sources, a slice or a sorted array; ragged: a slice
     of cols where some pair is not an edge, or None; mask (R, ragged) float32: 0 at edges, -inf
-    elsewhere, added to the scores (they are finite there, see _split: a selection, not a sum)."""
+    elsewhere: added to finite scores (see _split), it keeps edges and makes non-edges -inf."""
     R = property(lambda b: b.rows.stop - b.rows.start)
     C = property(lambda b: b.cols.stop - b.cols.start if isinstance(b.cols, slice) else b.cols.size)
     sources = property(lambda b: np.arange(b.cols.start, b.cols.stop) if isinstance(b.cols, slice)
