@@ -18,12 +18,14 @@ On complete_graph(n) this is exactly softmax(Q K^T / sqrt(dh)) V per head.
     dx, grads = gtx.backward(dy, cache)
 """
 # Dimension letters: N nodes, E edges, H heads, dh head size, D model width.
+import contextlib
+import functools
 import math
 import os
 import threading
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache, cached_property
+from functools import cached_property
 
 import numba as nb
 import numpy as np
@@ -44,12 +46,11 @@ _REASSOC = {"reassoc", "contract"}
 
 class Graph:
     """A directed graph: edge e carries a message from j = edge_index[0, e] to i = edge_index[1, e].
-    Graph(edge_index, num_nodes) validates an edge list and sorts it into a CSR by target: the
-    in-edges of node i sit at CSR positions indptr[i]:indptr[i+1], with sources src (E,) and input
-    edge ids perm (E,). complete_graph, causal_graph and batch_graphs build structured graphs in
-    O(N) instead: node i attends to every j in [lo[i], hi[i]) (but itself, if not self_loops),
-    ranges = (lo, hi); their edges are listed in CSR order, and edge_index, src and perm are built
-    on first use. ptr (B+1,) holds the node offsets of the graphs of a batch, as PyG's Batch.ptr."""
+    Graph(edge_index, num_nodes) validates an edge list and sorts it into a CSR by target: node i's
+    in-edges sit at CSR positions indptr[i]:indptr[i+1], with sources src and input edge ids perm
+    (E,). complete_graph, causal_graph and batch_graphs build structured graphs in O(N): node i
+    attends to every j in [lo[i], hi[i]) = ranges (not itself, if not self_loops), edges listed in
+    CSR order, edge_index, src and perm built on first use. ptr (B+1,): a batch's node offsets."""
 
     def __init__(self, edge_index, num_nodes):
         N = _count("num_nodes", num_nodes)
@@ -58,12 +59,8 @@ class Graph:
             raise ValueError(f"edge_index must have shape (2, E), got {ei.shape}")
         if ei.size and (ei.dtype == bool or not np.issubdtype(ei.dtype, np.integer)):
             raise ValueError(f"edge_index must hold integers, got dtype {ei.dtype}")
-        need, have = 100 * ei.shape[1], available_bytes()       # int64 copies, sort keys, CSR
-        if need > have:
-            raise MemoryError(
-                f"Graph: sorting {ei.shape[1]:,} edges needs about {need / 2**30:.1f} GiB, but "
-                f"{have / 2**30:.1f} GiB is available. complete_graph, causal_graph(n, window) and "
-                f"batch_graphs build such graphs in O(N) memory, with no edge list")
+        _check_memory(100 * ei.shape[1], f"Graph: sorting {ei.shape[1]:,} edges",   # copies, keys
+                      "; complete_graph, causal_graph(n, window), batch_graphs list no edges")
         bad = np.flatnonzero(((ei < 0) | (ei >= N)).any(0))
         if bad.size:
             c = bad[0]
@@ -87,7 +84,7 @@ class Graph:
 
     @classmethod
     def _structured(cls, lo, hi, self_loops, ptr):
-        i = np.arange(lo.size)
+        i = np.arange(lo.size, dtype=np.int64)
         count = hi - lo - (0 if self_loops else (lo <= i) & (i < hi))     # (N,) in-edges
         g = cls.__new__(cls)
         g._setup(lo.size, count.sum(), ptr, np.concatenate([[0], np.cumsum(count)]), (lo, hi),
@@ -115,14 +112,12 @@ class Graph:
     def is_complete(self):
         return self.num_edges == self.num_nodes ** 2
 
-    def derived(self, key, build):
-        """What a backend derives from the graph (its own index arrays): built once per key."""
+    def derived(self, key, build):      # what a backend derives from the graph, built once
         if key not in self._derived:
             self._derived[key] = build()
         return self._derived[key]
 
-    def __repr__(self):
-        return f"Graph(num_nodes={self.num_nodes}, num_edges={self.num_edges})"
+    __repr__ = lambda self: f"Graph(num_nodes={self.num_nodes}, num_edges={self.num_edges})"
 
 
 def _count(name, n, low=0):
@@ -138,18 +133,15 @@ def _read_only(a):
     return a
 
 
-def _targets(g):
-    """(E,) the target of each edge, in CSR order."""
+def _targets(g):                        # (E,) the target of each edge, in CSR order
     return np.repeat(np.arange(g.num_nodes), np.diff(g.indptr))
 
 
-def _indptr(node_of_edge, N):
-    """(N+1,) CSR offsets: the edges of node n sit at [indptr[n], indptr[n+1]) once sorted."""
+def _indptr(node_of_edge, N):           # (N+1,) CSR offsets: node n's edges, once sorted
     return np.concatenate([[0], np.cumsum(np.bincount(node_of_edge, minlength=N))])
 
 
-def _to_csr(a, g):
-    """(E, ...) from input edge order to CSR order (None stays None)."""
+def _to_csr(a, g):                      # (E, ...) from input edge order to CSR order
     return a if a is None or g.ranges is not None else a[g.perm]
 
 
@@ -171,30 +163,30 @@ def complete_graph(n, self_loops=True):
 def causal_graph(n, window=None):
     """Edges j -> i for j <= i: a decoder's (GPT's) graph. With window=w, only j in
     [max(0, i-w+1), i], as in sliding-window (local) attention. O(n)."""
-    i = np.arange(_count("n", n))
+    i = np.arange(_count("n", n), dtype=np.int64)
     lo = 0 * i if window is None else np.maximum(i - _count("window", window, 1) + 1, 0)
     return Graph._structured(lo, i + 1, True, np.array([0, n]))
 
 
 def batch_graphs(graphs):
     """One block-diagonal Graph from a list of graphs, as PyG batches them: node ids offset, edges
-    concatenated in the parts' order, and ptr (B+1,) the node offsets of the parts. A batch of
-    structured graphs stays structured."""
+    concatenated in the parts' order, and ptr (B+1,) the node offsets of the parts. Structured
+    graphs with the same self_loops make a structured batch."""
     graphs = list(graphs)
     if not all(isinstance(g, Graph) for g in graphs):
         raise TypeError("batch_graphs takes a list of Graph")
-    ptr, eptr = (np.cumsum([0] + [n for n in counts]) for counts in
-                 ([g.num_nodes for g in graphs], [g.num_edges for g in graphs]))
+    ptr = np.cumsum([0] + [g.num_nodes for g in graphs], dtype=np.int64)     # (B+1,) node offsets
+    eptr = np.cumsum([0] + [g.num_edges for g in graphs], dtype=np.int64)    # (B+1,) edge offsets
+    join = lambda parts: np.concatenate([np.zeros(0, np.int64), *parts])
     if all(g.ranges is not None for g in graphs) and len({g.self_loops for g in graphs}) < 2:
-        lo, hi = (np.concatenate([[]] + [g.ranges[r] + p for g, p in zip(graphs, ptr)]).astype(int)
-                  for r in (0, 1))
+        lo, hi = (join([g.ranges[r] + o for g, o in zip(graphs, ptr)]) for r in (0, 1))
         return Graph._structured(lo, hi, all(g.self_loops for g in graphs), ptr)
     g = Graph.__new__(Graph)
-    g._setup(int(ptr[-1]), eptr[-1], ptr,
-             np.concatenate([[0]] + [p.indptr[1:] + e for p, e in zip(graphs, eptr)]))
+    indptr = join([[0]] + [p.indptr[1:] + e for p, e in zip(graphs, eptr)])
+    g._setup(int(ptr[-1]), eptr[-1], ptr, indptr)
     g.edge_index = _read_only(np.concatenate([p.edge_index + o for p, o in zip(graphs, ptr)], 1))
-    g.src = np.concatenate([p.src + o for p, o in zip(graphs, ptr)])
-    g.perm = np.concatenate([p.perm + e for p, e in zip(graphs, eptr)])
+    g.src, g.perm = (join([getattr(p, a) + o for p, o in zip(graphs, off)])
+                     for a, off in (("src", ptr), ("perm", eptr)))
     return g
 
 
@@ -266,10 +258,9 @@ def _project_backward(dqkv, x, p, grads):
 
 # ---------------------------------------------------------------- naive
 # Every backend computes the attention between the projections: forward(q, k, v, bias, g) ->
-# (o, cache), and backward(do, cache, dq, dk, dv) -> ds, which writes the gradients of q, k, v
-# into the (N, H, dh) buffers dq, dk, dv. q, k, v, o are (N, H, dh); bias is None or (E, H) in
-# input edge order. ds = dL/ds (E, H), in input edge order, is also the edge bias's gradient
-# (dense and sparse return None without a bias).
+# (o, cache) and backward(do, cache, dq, dk, dv) -> ds, which writes into the (N, H, dh) dq, dk,
+# dv. bias is None or (E, H) and ds = dL/ds (E, H), the bias's gradient, both in input edge
+# order (dense and sparse return ds = None without a bias).
 NaiveCache = namedtuple("NaiveCache", "q k v alpha g")
 
 
@@ -372,18 +363,26 @@ def dense_blocks(g, block_rows=None):
                 gaps = [(a - c0, b - c0) for a, b in gaps if a < b]
                 ragged = slice(min(a for a, _ in gaps), max(b for _, b in gaps)) if gaps else None
                 b = Block(slice(r0, r1), slice(c0, c1), ragged)
-            edge = b.ragged and _edge_mask(g, b, b.sources[b.ragged])
-            yield b if edge is None else b._replace(mask=np.where(edge, 0, -np.inf).astype("f4"))
+            yield b
     return g.derived(("dense", R), lambda: list(plan()))
 
 
+def _masked(g, block_rows):
+    """dense_blocks with their masks, built on the first dense call (choose_backend needs none)."""
+    def build(b):
+        edge = b.ragged and _edge_mask(g, b, b.sources[b.ragged])
+        return b if edge is None else b._replace(mask=np.where(edge, 0, -np.inf).astype("f4"))
+    return g.derived(("masks", block_rows), lambda: [*map(build, dense_blocks(g, block_rows))])
+
+
 def dense_bytes(g, n_heads, dtype, edge_bias=False, block_rows=None):
-    """Bytes the dense backend needs beyond its (N, H, dh) arrays: three (H, R, C) blocks of
-    scratch per thread (four with an edge bias), an edge bias's (E, H) copy and gradient, and
-    the blocks' masks (4 bytes a pair, built once per graph)."""
+    """Bytes the dense backend needs beyond its (N, H, dh) arrays (inputs, outputs, heads-first
+    copies, 2 per thread for key and value gradients): three (H, R, C) blocks of scratch per
+    thread (four with an edge bias), an edge bias's (E, H) copy and gradient, and the blocks'
+    masks (4 bytes a pair, built once per graph)."""
     blocks, item = dense_blocks(g, block_rows), np.dtype(dtype).itemsize
     cells = max([b.R * b.C for b in blocks], default=0)
-    masks = sum(b.mask.nbytes for b in blocks if b.mask is not None)
+    masks = 4 * sum(b.R * (b.ragged.stop - b.ragged.start) for b in blocks if b.ragged is not None)
     scratch = _threads() * (3 + edge_bias) * cells + 2 * edge_bias * g.num_edges
     return scratch * n_heads * item + masks
 
@@ -424,12 +423,9 @@ def _split(blocks, g, bad):
         return blocks
     out = []
     for b in blocks:
-        if b.ragged is None or not (bad[b.rows].any() or bad[b.cols].any()):
-            out.append(b)
-            continue
-        for i in range(b.rows.start, b.rows.stop):
-            row = Block(slice(i, i + 1), b.sources)
-            out.append(row._replace(cols=b.sources[_edge_mask(g, row, b.sources)[0]]))
+        rows = [Block(slice(i, i + 1), b.sources) for i in range(b.rows.start, b.rows.stop)]
+        out += [b] if b.ragged is None or not (bad[b.rows].any() or bad[b.cols].any()) else [
+            row._replace(cols=b.sources[_edge_mask(g, row, b.sources)[0]]) for row in rows]
     return out
 
 
@@ -443,11 +439,8 @@ def _nonfinite(*arrays, bad=None):
 
 def dense_forward(q, k, v, bias, g, block_rows=None):
     N, H, dh = q.shape
-    need, have = dense_bytes(g, H, q.dtype, bias is not None, block_rows), available_bytes()
-    if need > have:
-        raise MemoryError(f"dense backend needs about {need / 2**30:.1f} GiB for its blocks "
-                          f"(N={N}, H={H}), but {have / 2**30:.1f} GiB is available; use "
-                          f"smaller block_rows or backend='sparse'")
+    _check_memory(dense_bytes(g, H, q.dtype, bias is not None, block_rows),
+                  f"dense backend (N={N}, H={H})", "; use smaller block_rows or backend='sparse'")
     bias = _to_csr(bias, g)                        # (E, H) blocks read their edges in CSR order
     o, lse = np.empty_like(q), np.empty((N, H), q.dtype)                # (N, H, dh), (N, H)
     bad = _nonfinite(q, k, v)
@@ -469,7 +462,7 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
             np.matmul(p, vh[:, b.cols], out=o_b)                         # (H, R, dh)
             np.divide(o_b.transpose(1, 0, 2), den.T[..., None], out=o[b.rows])
             lse[b.rows] = (m + np.log(den)).T          # log of sum exp(s): P = exp(s - lse)
-    _map_threads(lane, _lanes(_split(dense_blocks(g, block_rows), g, bad)))
+    _map_threads(lane, _lanes(_split(_masked(g, block_rows), g, bad)))
     return o, DenseCache(q, k, v, o, lse, bias, g, block_rows, bad)
 
 
@@ -477,7 +470,7 @@ def dense_backward(do, cache, dq, dk, dv):
     q, k, v, o, lse, bias, g, block_rows, bad = cache
     N, H, dh = q.shape
     ds_edges = None if bias is None else np.empty_like(bias)            # (E, H) CSR order
-    lanes = _lanes(_split(dense_blocks(g, block_rows), g, _nonfinite(o, do, bad=bad)))
+    lanes = _lanes(_split(_masked(g, block_rows), g, _nonfinite(o, do, bad=bad)))
     # With a last column of ones, [q / sqrt(dh), -lse] kh^T is s - lse and [do, -delta] vh^T
     # is dP - delta: each subtraction rides in its matmul instead of a pass over (H, R, C).
     kh, vh = _heads_first(k, "kh", ones=True), _heads_first(v, "vh", ones=True)   # (H, N, dh+1)
@@ -524,9 +517,9 @@ def dense_backward(do, cache, dq, dk, dv):
 
 def dense_alpha(cache):
     q, k, v, o, lse, bias, g, block_rows, bad = cache
-    (N, H, dh), kh = q.shape, _heads_first(k, "kh")
+    (_, H, dh), kh = q.shape, _heads_first(k, "kh")
     alpha = np.empty((g.num_edges, H), q.dtype)                         # (E, H) CSR order
-    for b, (s, q_b) in _buffers(dense_blocks(g, block_rows), q.dtype,
+    for b, (s, q_b) in _buffers(_masked(g, block_rows), q.dtype,
                                 lambda R, C: [(H, R, C), (H, R, dh)]):
         np.multiply(q[b.rows].transpose(1, 0, 2), 1 / math.sqrt(dh), out=q_b)
         p = np.exp(_scores(q_b, kh, bias, g, b, s) - lse[b.rows].T[..., None])
@@ -537,11 +530,9 @@ def dense_alpha(cache):
 
 # ---------------------------------------------------------------- sparse
 # Numba kernels over the target CSR. prange runs over chunks of targets, which are independent;
-# the key and value gradients land on sources, so a second pass over the transposed CSR makes
-# them instead of racing. Each node is summed by one thread in a fixed order, so results are
-# the same bits for any thread count. The kernels gather rows at random (k_j and v_j of each
-# source), which the CPU cannot predict: each asks for the rows of the edge _AHEAD positions
-# on (see _prefetch at the end).
+# key and value gradients land on sources, so a second pass over the transposed CSR makes them
+# instead of racing. One thread sums each node in a fixed order: the same bits for any thread
+# count. Each kernel asks for the rows of the edge _AHEAD on (see _prefetch at the end).
 SparseCache = namedtuple("SparseCache", "qkv o alpha g has_bias")
 SparseIndex = namedtuple("SparseIndex", "chunks t_indptr t_pos t_dst t_chunks")
 
@@ -609,6 +600,8 @@ def _sparse_forward_kernel(qkv, bias, indptr, src, chunks):
 
 
 def sparse_forward(q, k, v, bias, g):
+    _check_memory(sparse_bytes(g, q.shape[1], q.dtype, bias is not None),
+                  f"sparse backend ({g.num_edges:,} edges)")
     _start_numba_threads()
     qkv, idx = _packed(q, k, v), _sparse_index(g)                      # (N, 3, H, dh)
     o, alpha = _sparse_forward_kernel(qkv, _to_csr(bias, g), g.indptr, g.src, idx.chunks)
@@ -715,7 +708,8 @@ def forward(x, g, params, backend="auto", edge_bias=None):
 def backward(dy, cache):
     """dx (N, D) and grads, a dict with the keys of params (and "edge_bias" if forward had one).
     The cache holds x and params by reference: change them in place only after backward."""
-    _check_cache(cache)
+    if not isinstance(cache, Cache):
+        raise TypeError(f"cache must be forward's second value, got {type(cache).__name__}")
     backend, x, p, o, attention, has_bias = cache
     dy = _as_float_array("dy", dy, x.dtype, x.shape)
     N, (H, dh, D) = len(x), p["Wo"].shape
@@ -735,14 +729,14 @@ def backward(dy, cache):
 
 def attention_weights(cache):
     """alpha (E, H) in the graph's input edge order."""
-    _check_cache(cache)
+    if not isinstance(cache, Cache):
+        raise TypeError(f"cache must be forward's second value, got {type(cache).__name__}")
     return BACKENDS[cache.backend].alpha(cache.attention)
 
 
-# Seconds, fitted to the attention alone (forward plus backward, float32, no edge bias, 2
-# threads, one 2-core Xeon) timed on 28 graphs, bench.py's workloads among them: a cost per call,
-# per block, per (row, column) pair of the blocks and head and per edge and head, and one per
-# multiply-add for each. float64 costs both backends about twice as much.
+# Seconds, fitted to the attention alone (forward and backward, float32, no bias, 2 threads of a
+# 2-core Xeon) on 28 graphs, bench.py's among them: per call, dense block, sparse node, per pair of
+# a block (or edge) and head, and per multiply-add of each. float64 costs about twice as much.
 COST = dict(dense_call=1.1e-3, dense_block=2.4e-4, dense_pair=3.1e-9, dense_mac=5.0e-11,
             sparse_call=1.8e-4, sparse_edge=9.9e-9, sparse_mac=4.7e-10, sparse_node=2.4e-7)
 
@@ -759,8 +753,9 @@ def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
             "sparse": c["sparse_call"] + scale * g.num_nodes * c["sparse_node"]
             + scale * H * g.num_edges * (c["sparse_edge"] + dh * c["sparse_mac"])}
     have = available_bytes()
-    for name, need in (("dense", dense_bytes), ("sparse", sparse_bytes)):
-        cost[name] = math.inf if need(g, H, dtype, edge_bias) > have else cost[name]
+    for name, need in (("dense", dense_bytes(g, H, dtype, edge_bias)),
+                       ("sparse", sparse_bytes(g, H, dtype, edge_bias))):
+        cost[name] = math.inf if need > have else cost[name]
     return min(cost, key=cost.get), cost
 
 
@@ -795,16 +790,10 @@ def _check_params(params, D, dtype):
             for key, shape in shapes.items()}
 
 
-def _check_cache(cache):
-    if not isinstance(cache, Cache):
-        raise TypeError(f"cache must be forward's second value, got {type(cache).__name__}")
-
-
 # ---------------------------------------------------------------- positional encodings
 
 def sinusoidal_pe(n, d):
-    """(n, d) encodings of Vaswani et al. (2017): PE[p, 2i] = sin(p / 10000^(2i/d)),
-    PE[p, 2i+1] = cos(same)."""
+    """(n, d) encodings of Vaswani et al. (2017): PE[p, 2i] = sin(p / 10000^(2i/d)), 2i+1: cos."""
     angle = np.arange(n)[:, None] / 10000 ** (np.arange(0, d, 2) / d)  # (n, ceil(d/2))
     pe = np.empty((n, d))
     pe[:, 0::2], pe[:, 1::2] = np.sin(angle), np.cos(angle[:, : d // 2])
@@ -820,14 +809,9 @@ def laplacian_pe(g, k, rng=None):
     the N - 1 the graph has are 0. A dense eigendecomposition: O(N^3) time, about 4 N^2 floats."""
     if not isinstance(g, Graph):
         raise TypeError(f"g must be a Graph, got {type(g).__name__}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
-        raise ValueError(f"k must be an int >= 0, got {k!r}")
+    k = _count("k", k)
     N = g.num_nodes
-    need, have = 4 * 8 * N * N, available_bytes()                      # A, L, eigh's U and work
-    if need > have:
-        raise MemoryError(f"laplacian_pe: a dense eigendecomposition of the {N} x {N} Laplacian "
-                          f"needs about {need / 2**30:.1f} GiB, but {have / 2**30:.1f} GiB is "
-                          f"available")
+    _check_memory(4 * 8 * N * N, f"laplacian_pe: the dense eigendecomposition of an {N} x {N} L")
     src, dst = g.edge_index
     A = np.zeros((N, N))                                                # (N, N) symmetric
     A[dst, src] = A[src, dst] = 1
@@ -847,14 +831,19 @@ def laplacian_pe(g, k, rng=None):
 # What serves speed but teaches nothing about attention: threads, BLAS limits, prefetch hints,
 # the memory reading behind the MemoryError guards.
 
-def available_bytes():
-    """Memory the OS can hand out now (psutil: MemAvailable on Linux, its equivalents elsewhere)."""
+def available_bytes():               # what the OS can hand out now, on any OS
     return psutil.virtual_memory().available
 
 
+def _check_memory(need, what, hint=""):
+    """A MemoryError that says how much what needs, rather than numpy's raw one part way through."""
+    if need > (have := available_bytes()):
+        raise MemoryError(f"{what} needs about {need / 2**30:.1f} GiB, but {have / 2**30:.1f} "
+                          f"GiB is available{hint}")
+
+
 def _balanced_chunks(indptr, n_chunks=64):
-    """(<= n_chunks+1,) bounds of node ranges of about equal work (edges + nodes), so that many
-    hubs spread over the threads. A node is never split."""
+    """Bounds of node ranges of about equal work (edges + nodes): hubs spread, none is split."""
     work = indptr + np.arange(indptr.size)                              # (N+1,) increasing
     return np.unique(np.searchsorted(work, np.linspace(0, work[-1], n_chunks + 1)))
 
@@ -885,13 +874,12 @@ def _prefetch_bytes(a, i, start, stop):                 # bytes start:stop of ro
     _prefetch(a, i, stop - 1)                           # the last line, when rows are not aligned
 
 
-def _threads():
-    """Numba's thread count, which gtx's Python threads follow too."""
+def _threads():                         # Numba's thread count, which gtx's Python threads follow
     _start_numba_threads()
     return nb.get_num_threads()
 
 
-@cache
+@functools.cache
 def _start_numba_threads():
     """Starts Numba's threads (as its first parallel call or get_num_threads would) with
     OMP_WAIT_POLICY=passive unless set, then restores the environment: idle OpenMP threads sleep
@@ -906,18 +894,29 @@ def _start_numba_threads():
             del os.environ["OMP_WAIT_POLICY"]
 
 
-_BLAS = ThreadpoolController()
+_BLAS, _BLAS_LOCK, _BLAS_HOLD = ThreadpoolController(), threading.Lock(), {"calls": 0}
 
 
+@contextlib.contextmanager
 def _one_blas_thread():
-    """A context: BLAS on one thread while gtx runs, and Python threads, as many as Numba's,
-    split the work instead. Idle BLAS threads spin after each call on the cores that the next
-    step needs; idle Python threads sleep."""
-    return _BLAS.limit(limits=1, user_api="blas")
+    """BLAS on one thread while any gtx call runs (the first call in sets it, the last one out
+    restores it), and Python threads, as many as Numba's, split the work instead: idle BLAS
+    threads spin after each call on the cores the next step needs; idle Python threads sleep."""
+    with _BLAS_LOCK:
+        if _BLAS_HOLD["calls"] == 0:
+            _BLAS_HOLD["limit"] = _BLAS.limit(limits=1, user_api="blas")
+        _BLAS_HOLD["calls"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_HOLD["calls"] -= 1
+            if _BLAS_HOLD["calls"] == 0:
+                _BLAS_HOLD["limit"].restore_original_limits()
 
 
-@cache
-def _python_threads(n):
+@functools.cache
+def _python_threads(n):                # a pool per thread count, made on first use
     return ThreadPoolExecutor(n)
 
 
