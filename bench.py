@@ -194,7 +194,7 @@ def measure_workload(name, spec, D, H, dh, cfg, dtype, print_row):
         elif need > psutil.virtual_memory().available / 2:
             row["skip"] = f"needs {need / 2**30:.1f} GiB"
         elif estimate.get(b, 0) > cfg["row_budget"]:
-            row["skip"] = f"~{estimate[b]:.0f} s a run (gtx.choose_backend); needs {need / 2**30:.1f} GiB"
+            row["skip"] = f"~{estimate[b]:.0f} s a run (estimated); {need / 2**30:.1f} GiB"
         if "skip" in row:
             continue
         outputs[b], row["picked"] = run_once(b, g, x, params, dy)      # warm-up: first calls, checks
