@@ -171,24 +171,20 @@ def useful_flops(N, E, D, H, dh):
     return 24 * N * D * H * dh + 12 * E * H * dh
 
 
-def needs(backend, g, H, dtype):
-    """Bytes a backend needs beyond the inputs, where gtx can say (dense and sparse)."""
-    return (gtx.dense_bytes if backend == "dense" else gtx.sparse_bytes)(g, H, dtype)
-
-
 def measure_workload(name, spec, D, H, dh, cfg, dtype, print_row):
     """Times every backend that fits (naive on small graphs only) and auto; checks each against
     another backend's output; returns the workload's record."""
     t0 = time.perf_counter()
     g = build_graph(spec)
     rec = dict(name=name, graph=spec, D=D, H=H, dh=dh, N=g.num_nodes, E=g.num_edges,
-               build_s=time.perf_counter() - t0, rows={})
+               build_s=time.perf_counter() - t0, rows={},      # needs: gtx's memory estimates
+               needs=dict(dense=gtx.dense_bytes(g, H, dtype), sparse=gtx.sparse_bytes(g, H, dtype)))
     x, params, dy = make_inputs(g, D, H, dh, dtype)
     progress(f"{name}: N={g.num_nodes} E={g.num_edges} built in {rec['build_s']:.2f} s")
     outputs, estimate = {}, gtx.choose_backend(g, H, dh, dtype)[1]
     for b in ("naive", "dense", "sparse", "auto"):
         row = rec["rows"][b] = dict(backend=b)
-        need = needs(b, g, H, dtype) if b in estimate else 0
+        need = rec["needs"].get(b, 0)
         if b == "naive" and g.num_edges > cfg["naive_max_edges"]:
             row["skip"] = f"E > {cfg['naive_max_edges']:,} (a Python loop)"
         elif need > psutil.virtual_memory().available / 2:
@@ -480,8 +476,7 @@ def verdicts(recs, cross, n, memory):
         peaks = {b: memory[name, b]["peak_bytes"] for b in ("dense", "sparse")
                  if "peak_bytes" in memory.get((name, b), {})}
         if peaks:
-            not_run = {b: needs(b, build_graph(by[name]["graph"]), by[name]["H"], np.dtype(DTYPE))
-                       for b in ("dense", "sparse") if b not in peaks}
+            not_run = {b: by[name]["needs"][b] for b in ("dense", "sparse") if b not in peaks}
             out.append(f"memory on {name}: " + ", ".join(f"{b} peak {v / MiB:,.0f} MiB" for b, v in peaks.items())
                        + "".join(f"; {b} would need {v / MiB:,.0f} MiB (gtx.{b}_bytes)" for b, v in not_run.items()))
     return out
@@ -592,7 +587,7 @@ def main():
         for r, b in jobs:
             m = memory[r["name"], b] = run_child(dict(task="memory", spec=r["graph"], D=r["D"], H=r["H"],
                                                       dh=r["dh"], backend=b, dtype=args.dtype, threads=threads))
-            need = needs(b, build_graph(r["graph"]), r["H"], dtype)
+            need = r["needs"][b]
             peak = (f"{m['peak_bytes'] / MiB:8.0f} MiB" + ("" if m["exact"] else " at most")
                     if "peak_bytes" in m else f" failed: {m['error']}")
             print(f"  {r['name']:<12} {b:<7}{peak}   (gtx.{b}_bytes: {need / MiB:,.0f} MiB beyond "

@@ -401,6 +401,11 @@ def _edge_mask(g, b, cols):
     return mask if g.self_loops else mask & (cols != rows)
 
 
+def _block_edges(g, b):                 # the CSR range of block b's edges, and their (row, column)
+    edges = slice(g.indptr[b.rows.start], g.indptr[b.rows.stop])
+    return edges, *np.nonzero(_edge_mask(g, b, b.sources))
+
+
 def _scores(q_b, kh, bias, g, b, s):
     """s (H, R, C) = q_b kh[:, cols]^T, the scores of block b, then + bias at edges and -inf at
     non-edges. q_b (H, R, dh) holds the rows' q / sqrt(dh); kh (H, N, dh) is k heads first."""
@@ -408,8 +413,8 @@ def _scores(q_b, kh, bias, g, b, s):
     if bias is not None:            # bias at edges, -inf elsewhere: s is finite here, see _split
         tile = _buffer("dense tile", s.size, s.dtype).reshape(s.shape)
         tile[:] = -np.inf
-        r, c = np.nonzero(_edge_mask(g, b, b.sources))          # CSR order: by row, then column
-        tile[:, r, c] = bias[g.indptr[b.rows.start]:g.indptr[b.rows.stop]].T
+        e, r, c = _block_edges(g, b)
+        tile[:, r, c] = bias[e].T
         s += tile
     elif b.ragged is not None:
         s[:, :, b.ragged] += b.mask
@@ -419,14 +424,11 @@ def _scores(q_b, kh, bias, g, b, s):
 def _split(blocks, g, bad):
     """Blocks with a non-finite input and a non-edge pair, cut into a block per row over its own
     sources: inf and NaN reach only what naive lets them (0 * NaN through a non-edge would not)."""
-    if bad is None:
-        return blocks
-    out = []
-    for b in blocks:
-        rows = [Block(slice(i, i + 1), b.sources) for i in range(b.rows.start, b.rows.stop)]
-        out += [b] if b.ragged is None or not (bad[b.rows].any() or bad[b.cols].any()) else [
-            row._replace(cols=b.sources[_edge_mask(g, row, b.sources)[0]]) for row in rows]
-    return out
+    def rows(b):
+        for row in (Block(slice(i, i + 1), b.sources) for i in range(b.rows.start, b.rows.stop)):
+            yield row._replace(cols=b.sources[_edge_mask(g, row, b.sources)[0]])
+    keep = lambda b: bad is None or b.ragged is None or not (bad[b.rows].any() or bad[b.cols].any())
+    return [row for b in blocks for row in ([b] if keep(b) else rows(b))]
 
 
 def _nonfinite(*arrays, bad=None):
@@ -497,8 +499,8 @@ def dense_backward(do, cache, dq, dk, dv):
             # backward of pass 2, the softmax: dS = P (dP - delta)
             ds = np.multiply(dp, p, out=dp)                              # (H, R, C)
             if bias is not None:
-                r, c = np.nonzero(_edge_mask(g, b, b.sources))
-                ds_edges[g.indptr[b.rows.start]:g.indptr[b.rows.stop]] = ds[:, r, c].T
+                e, r, c = _block_edges(g, b)
+                ds_edges[e] = ds[:, r, c].T
             # backward of pass 1: s = q k^T / sqrt(dh)
             np.matmul(ds.transpose(0, 2, 1), q_b[..., :dh], out=t_c)
             dk_l[:, b.cols] += t_c
@@ -523,8 +525,8 @@ def dense_alpha(cache):
                                 lambda R, C: [(H, R, C), (H, R, dh)]):
         np.multiply(q[b.rows].transpose(1, 0, 2), 1 / math.sqrt(dh), out=q_b)
         p = np.exp(_scores(q_b, kh, bias, g, b, s) - lse[b.rows].T[..., None])
-        r, c = np.nonzero(_edge_mask(g, b, b.sources))         # P at edges only: no 0 * NaN
-        alpha[g.indptr[b.rows.start]:g.indptr[b.rows.stop]] = p[:, r, c].T
+        e, r, c = _block_edges(g, b)                       # P at edges only: no 0 * NaN
+        alpha[e] = p[:, r, c].T
     return _input_order(alpha, g)
 
 
@@ -984,9 +986,8 @@ def _packed(q, k, v):
 
 def _split_matmul(a, b, out=None, max_blocks=4, min_work=2**23):
     """a @ b (into out, if given) on Python threads: the longer of a's rows (M) and the summed
-    dimension (K) is cut into up to max_blocks blocks of at least min_work multiply-adds, fixed
-    by the shapes alone so that results do not depend on the thread count. Row blocks fill
-    their rows of the output; blocks of the sum give products that are added in order."""
+    dimension (K) is cut into up to max_blocks blocks of min_work multiply-adds or more, fixed by
+    the shapes alone (results do not depend on the thread count); sums of blocks add in order."""
     (M, K), n = a.shape, b.shape[1]
     L, blocks = max(M, K), max(1, min(max_blocks, M * K * n // min_work))
     cuts = [slice(c * L // blocks, (c + 1) * L // blocks) for c in range(blocks)]
