@@ -239,8 +239,7 @@ def _project(x, p):
     """q, k, v = x Wq + bq, x Wk + bk, x Wv + bv as one matmul: (N, H, dh) views of one
     (N, 3, H, dh) array, where a node's k and v sit side by side for the sparse kernels."""
     D, H, dh = p["Wq"].shape
-    qkv = _split_matmul(x, _w_qkv(p))                                   # (N, 3 H dh)
-    qkv += np.stack([p["bq"], p["bk"], p["bv"]]).reshape(-1)
+    qkv, = _matmuls(Product(x, _w_qkv(p), add=np.stack([p["bq"], p["bk"], p["bv"]]).reshape(-1)))
     qkv = qkv.reshape(-1, 3, H, dh)                                     # (N, 3, H, dh)
     return qkv[:, 0], qkv[:, 1], qkv[:, 2]
 
@@ -250,10 +249,11 @@ def _project_backward(dqkv, x, p, grads):
     returns dx (N, D)."""
     N, _, H, dh = dqkv.shape
     d = dqkv.reshape(N, 3 * H * dh)
-    dW, db = _split_matmul(x.T, d).reshape(-1, 3, H, dh), dqkv.sum(0)  # (D, 3, H, dh), (3, H, dh)
+    dW, dx = _matmuls(Product(x.T, d), Product(d, _w_qkv(p).T))       # (D, 3 H dh), (N, D)
+    dW, db = dW.reshape(-1, 3, H, dh), dqkv.sum(0)                      # (D, 3, H, dh), (3, H, dh)
     for n, c in enumerate("qkv"):
         grads["W" + c], grads["b" + c] = dW[:, n], db[n]
-    return _split_matmul(d, _w_qkv(p).T)                                # (N, D)
+    return dx
 
 
 # ---------------------------------------------------------------- naive
@@ -321,7 +321,7 @@ def naive_backward(do, cache, dq, dk, dv):
 # sources found in the block's CSR rows. The backward recomputes each block's probabilities
 # from q, k and the log-sum-exp kept by the forward (as FlashAttention does): nothing of size
 # N^2 is ever kept. Blocks run on threads in lanes (see _lanes at the end).
-DenseCache = namedtuple("DenseCache", "q k v o lse bias g block_rows bad")
+DenseCache = namedtuple("DenseCache", "q kh vh o lse bias g block_rows bad")
 
 
 class Block(namedtuple("Block", "rows cols ragged mask", defaults=[None, None])):
@@ -371,7 +371,7 @@ def _masked(g, block_rows):
     """dense_blocks with their masks, built on the first dense call (choose_backend needs none)."""
     def build(b):
         edge = b.ragged and _edge_mask(g, b, b.sources[b.ragged])
-        return b if edge is None else b._replace(mask=np.where(edge, 0, -np.inf).astype("f4"))
+        return b if edge is None else b._replace(mask=np.where(edge.T, 0, -np.inf).astype("f4").T)
     return g.derived(("masks", block_rows), lambda: [*map(build, dense_blocks(g, block_rows))])
 
 
@@ -409,9 +409,10 @@ def _block_edges(g, b):                 # the CSR range of block b's edges, and 
 def _scores(q_b, kh, bias, g, b, s):
     """s (H, R, C) = q_b kh[:, cols]^T, the scores of block b, then + bias at edges and -inf at
     non-edges. q_b (H, R, dh) holds the rows' q / sqrt(dh); kh (H, N, dh) is k heads first."""
-    np.matmul(q_b, kh[:, b.cols].transpose(0, 2, 1), out=s)
+    np.matmul(kh[:, b.cols, :q_b.shape[2]], q_b.transpose(0, 2, 1), out=s.transpose(0, 2, 1))
     if bias is not None:            # bias at edges, -inf elsewhere: s is finite here, see _split
-        tile = _buffer("dense tile", s.size, s.dtype).reshape(s.shape)
+        H, R, C = s.shape
+        tile = _buffer("dense tile", s.size, s.dtype).reshape(H, C, R).transpose(0, 2, 1)  # as s
         tile[:] = -np.inf
         e, r, c = _block_edges(g, b)
         tile[:, r, c] = bias[e].T
@@ -446,11 +447,12 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
     bias = _to_csr(bias, g)                        # (E, H) blocks read their edges in CSR order
     o, lse = np.empty_like(q), np.empty((N, H), q.dtype)                # (N, H, dh), (N, H)
     bad = _nonfinite(q, k, v)
-    kh, vh = _heads_first(k, "kh"), _heads_first(v, "vh")              # (H, N, dh) each
+    kh, vh = _heads_first(k), _heads_first(v)                          # (H, N, dh + 1) each
 
     def lane(blocks):
-        shapes = lambda R, C: [(H, R, C), (H, R, dh), (H, R, dh)]
+        shapes = lambda R, C: [(H, C, R), (H, R, dh), (H, R, dh + 1)]
         for b, (s, q_b, o_b) in _buffers(blocks, q.dtype, shapes):
+            s = s.transpose(0, 2, 1)                 # (H, R, C) laid out source-major: _scores
             # pass 1: scores, -inf at non-edges
             np.multiply(q[b.rows].transpose(1, 0, 2), 1 / math.sqrt(dh), out=q_b)
             _scores(q_b, kh, bias, g, b, s)                              # (H, R, C)
@@ -459,31 +461,31 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
             m[m == -np.inf] = 0
             np.subtract(s, m[..., None], out=s)
             p = np.exp(s, out=s)                                         # (H, R, C) unnormalised
-            den = np.maximum(p.sum(-1), 1)             # (H, R) >= 1 unless a row has no edges
-            # pass 3: o = P V, normalised on the (R, dh) side
-            np.matmul(p, vh[:, b.cols], out=o_b)                         # (H, R, dh)
-            np.divide(o_b.transpose(1, 0, 2), den.T[..., None], out=o[b.rows])
+            # pass 3: o = P V, normalised on the (R, dh) side; vh's ones give P's row sums
+            np.matmul(p, vh[:, b.cols], out=o_b)                         # (H, R, dh + 1)
+            den = np.maximum(o_b[..., dh], 1)          # (H, R) >= 1 unless a row has no edges
+            np.divide(o_b[..., :dh].transpose(1, 0, 2), den.T[..., None], out=o[b.rows])
             lse[b.rows] = (m + np.log(den)).T          # log of sum exp(s): P = exp(s - lse)
     _map_threads(lane, _lanes(_split(_masked(g, block_rows), g, bad)))
-    return o, DenseCache(q, k, v, o, lse, bias, g, block_rows, bad)
+    return o, DenseCache(q, kh, vh, o, lse, bias, g, block_rows, bad)
 
 
 def dense_backward(do, cache, dq, dk, dv):
-    q, k, v, o, lse, bias, g, block_rows, bad = cache
+    q, kh, vh, o, lse, bias, g, block_rows, bad = cache
     N, H, dh = q.shape
     ds_edges = None if bias is None else np.empty_like(bias)            # (E, H) CSR order
     lanes = _lanes(_split(_masked(g, block_rows), g, _nonfinite(o, do, bad=bad)))
     # With a last column of ones, [q / sqrt(dh), -lse] kh^T is s - lse and [do, -delta] vh^T
     # is dP - delta: each subtraction rides in its matmul instead of a pass over (H, R, C).
-    kh, vh = _heads_first(k, "kh", ones=True), _heads_first(v, "vh", ones=True)   # (H, N, dh+1)
     # each lane sums its own dk, dv, heads first; the lanes are added in order at the end
     acc = _buffer("dense dk dv", len(lanes) * 2 * dk.size, q.dtype).reshape(len(lanes), 2, H, N, dh)
 
     def lane(n):
         acc[n] = 0
         dk_l, dv_l = acc[n]                                              # (H, N, dh) each
-        shapes = lambda R, C: [(H, R, C), (H, R, C), (H, C, dh), (H, R, dh + 1), (H, R, dh + 1)]
+        shapes = lambda R, C: [(H, C, R), (H, C, R), (H, C, dh), (H, R, dh + 1), (H, R, dh + 1)]
         for b, (s, dp, t_c, q_b, do_b) in _buffers(lanes[n], q.dtype, shapes):
+            s, dp = s.transpose(0, 2, 1), dp.transpose(0, 2, 1)         # (H, R, C) each
             # recompute pass 2's P = exp(s - lse) from pass 1's scores
             np.multiply(q[b.rows].transpose(1, 0, 2), 1 / math.sqrt(dh), out=q_b[..., :dh])
             q_b[..., dh] = -lse[b.rows].T
@@ -495,7 +497,7 @@ def dense_backward(do, cache, dq, dk, dv):
             dv_l[:, b.cols] += t_c
             np.einsum("rhd,rhd->hr", do[b.rows], o[b.rows], out=do_b[..., dh])
             do_b[..., dh] *= -1                        # delta = sum_j P dP = <do, o>
-            np.matmul(do_b, vh[:, b.cols].transpose(0, 2, 1), out=dp)    # (H, R, C) dP - delta
+            np.matmul(vh[:, b.cols], do_b.transpose(0, 2, 1), out=dp.transpose(0, 2, 1))
             # backward of pass 2, the softmax: dS = P (dP - delta)
             ds = np.multiply(dp, p, out=dp)                              # (H, R, C)
             if bias is not None:
@@ -518,11 +520,12 @@ def dense_backward(do, cache, dq, dk, dv):
 
 
 def dense_alpha(cache):
-    q, k, v, o, lse, bias, g, block_rows, bad = cache
-    (_, H, dh), kh = q.shape, _heads_first(k, "kh")
+    q, kh, vh, o, lse, bias, g, block_rows, bad = cache
+    _, H, dh = q.shape
     alpha = np.empty((g.num_edges, H), q.dtype)                         # (E, H) CSR order
     for b, (s, q_b) in _buffers(_masked(g, block_rows), q.dtype,
-                                lambda R, C: [(H, R, C), (H, R, dh)]):
+                                lambda R, C: [(H, C, R), (H, R, dh)]):
+        s = s.transpose(0, 2, 1)
         np.multiply(q[b.rows].transpose(1, 0, 2), 1 / math.sqrt(dh), out=q_b)
         p = np.exp(_scores(q_b, kh, bias, g, b, s) - lse[b.rows].T[..., None])
         e, r, c = _block_edges(g, b)                       # P at edges only: no 0 * NaN
@@ -702,8 +705,7 @@ def forward(x, g, params, backend="auto", edge_bias=None):
     with _one_blas_thread():
         q, k, v = _project(x, p)                                        # (N, H, dh) each
         o, attention = BACKENDS[backend].forward(q, k, v, edge_bias, g)
-        y = _split_matmul(o.reshape(N, H * dh), p["Wo"].reshape(H * dh, D))   # y = o Wo + bo
-        y += p["bo"]
+        y, = _matmuls(Product(o.reshape(N, H * dh), p["Wo"].reshape(H * dh, D), add=p["bo"]))
     return y, Cache(backend, x, p, o, attention, edge_bias is not None)
 
 
@@ -717,9 +719,9 @@ def backward(dy, cache):
     N, (H, dh, D) = len(x), p["Wo"].shape
     with _one_blas_thread():
         # backward of y = o Wo + bo
-        grads = {"Wo": _split_matmul(o.reshape(N, H * dh).T, dy).reshape(H, dh, D), "bo": dy.sum(0)}
-        do = _split_matmul(dy, p["Wo"].reshape(H * dh, D).T, _buffer("do", N * H * dh, dy.dtype))
-        do = do.reshape(N, H, dh)
+        dWo, do = _matmuls(Product(o.reshape(N, H * dh).T, dy), Product(
+            dy, p["Wo"].reshape(H * dh, D).T, _buffer("do", N * H * dh, dy.dtype)))
+        grads, do = {"Wo": dWo.reshape(H, dh, D), "bo": dy.sum(0)}, do.reshape(N, H, dh)
         # backward of the attention, into the (N, 3, H, dh) gradients of q, k, v
         dqkv = _buffer("dqkv", 3 * N * H * dh, dy.dtype).reshape(N, 3, H, dh)
         ds = BACKENDS[backend].backward(do, attention, dqkv[:, 0], dqkv[:, 1], dqkv[:, 2])
@@ -939,12 +941,12 @@ def _buffer(key, n, dtype):
     return bufs[key][:nbytes].view(dtype)
 
 
-def _heads_first(a, key, ones=False):
-    """a (N, H, dh) as (H, N, dh), with a last column of ones if asked, in a reused buffer: the
-    dense blocks' matmuls then read each head's rows contiguously. A head per thread."""
-    N, H, dh = a.shape
-    out = _buffer("dense " + key, H * N * (dh + ones), a.dtype).reshape(H, N, dh + ones)
-    _map_threads(lambda h: (np.copyto(out[h, :, :dh], a[:, h]), out[h, :, dh:].fill(1)), range(H))
+def _heads_first(a):
+    """a (N, H, dh) as (H, N, dh + 1), with a last column of ones: the dense blocks' matmuls then
+    read each head's rows contiguously, and the ones sum rows or subtract (see dense_backward)."""
+    out = np.empty((a.shape[1], a.shape[0], a.shape[2] + 1), a.dtype)
+    np.copyto(out[..., :-1], a.transpose(1, 0, 2))
+    out[..., -1] = 1
     return out
 
 
@@ -984,17 +986,26 @@ def _packed(q, k, v):
     return np.stack((q, k, v), 1)
 
 
-def _split_matmul(a, b, out=None, max_blocks=4, min_work=2**23):
-    """a @ b (into out, if given) on Python threads: the longer of a's rows (M) and the summed
-    dimension (K) is cut into up to max_blocks blocks of min_work multiply-adds or more, fixed by
-    the shapes alone (results do not depend on the thread count); sums of blocks add in order."""
-    (M, K), n = a.shape, b.shape[1]
-    L, blocks = max(M, K), max(1, min(max_blocks, M * K * n // min_work))
-    cuts = [slice(c * L // blocks, (c + 1) * L // blocks) for c in range(blocks)]
-    out = np.empty((M, n), np.result_type(a, b)) if out is None else out.reshape(M, n)
-    if M < K:
-        parts = _buffer("split_matmul", blocks * M * n, out.dtype).reshape(blocks, M, n)
-        _map_threads(lambda c: np.matmul(a[:, cuts[c]], b[cuts[c]], out=parts[c]), range(blocks))
-        return np.add.reduce(parts, 0, out=out)
-    _map_threads(lambda rows: np.matmul(a[rows], b, out=out[rows]), cuts)
-    return out
+Product = namedtuple("Product", "a b out add", defaults=[None, None])  # a @ b (+ add) into out
+
+
+def _matmuls(*products, min_work=2**22):
+    """[a @ b (+ add, an (n,) row) for each Product], all at once on Python threads, one BLAS call
+    per block: the longer side of each (M, n) result is cut into the product's share of the
+    threads (fewer blocks for small products), so that each element is summed by one call, as in
+    a @ b, and results do not depend on the thread count."""
+    outs, blocks = [], []
+    for a, b, out, add in products:
+        (M, K), n = a.shape, b.shape[1]
+        outs.append(np.empty((M, n), np.result_type(a, b)) if out is None else out.reshape(M, n))
+        k = max(1, min(_threads() // len(products), M * K * n // min_work))
+        cuts = [slice(c * max(M, n) // k, (c + 1) * max(M, n) // k) for c in range(k)]
+        blocks += [(a, b, outs[-1], add, (c, slice(None)) if M >= n else (slice(None), c))
+                   for c in cuts]
+
+    def block(a, b, out, add, cut):
+        np.matmul(a[cut[0]], b[:, cut[1]], out=out[cut])
+        if add is not None:
+            out[cut] += add[cut[1]]
+    _map_threads(lambda args: block(*args), blocks)
+    return outs
