@@ -321,7 +321,7 @@ def naive_backward(do, cache, dq, dk, dv):
 # sources found in the block's CSR rows. The backward recomputes each block's probabilities
 # from q, k and the log-sum-exp kept by the forward (as FlashAttention does): nothing of size
 # N^2 is ever kept. Blocks run on threads in lanes (see _lanes at the end).
-DenseCache = namedtuple("DenseCache", "q kh vh o lse bias g block_rows bad")
+DenseCache = namedtuple("DenseCache", "qh kh vh o lse bias g block_rows bad")
 
 
 class Block(namedtuple("Block", "rows cols ragged mask", defaults=[None, None])):
@@ -406,10 +406,10 @@ def _block_edges(g, b):                 # the CSR range of block b's edges, and 
     return edges, *np.nonzero(_edge_mask(g, b, b.sources))
 
 
-def _scores(q_b, kh, bias, g, b, s):
-    """s (H, R, C) = q_b kh[:, cols]^T, the scores of block b, then + bias at edges and -inf at
-    non-edges. q_b (H, R, dh) holds the rows' q / sqrt(dh); kh (H, N, dh) is k heads first."""
-    np.matmul(kh[:, b.cols, :q_b.shape[2]], q_b.transpose(0, 2, 1), out=s.transpose(0, 2, 1))
+def _scores(qh, kh, bias, g, b, s):
+    """s (H, R, C) = qh[:, rows] kh[:, cols]^T, the scores of block b, then + bias at edges and
+    -inf at non-edges. qh, kh (H, N, dh) or (H, N, dh + 1): q and k / sqrt(dh), heads first."""
+    np.matmul(kh[:, b.cols], qh[:, b.rows].transpose(0, 2, 1), out=s.transpose(0, 2, 1))
     if bias is not None:            # bias at edges, -inf elsewhere: s is finite here, see _split
         H, R, C = s.shape
         tile = _buffer("dense tile", s.size, s.dtype).reshape(H, C, R).transpose(0, 2, 1)  # as s
@@ -433,9 +433,7 @@ def _split(blocks, g, bad):
 
 
 def _nonfinite(*arrays, bad=None):
-    """(N,) bool: nodes with an inf or NaN in any of the (N, ...) arrays or in bad; None if none."""
-    if all(np.isfinite(a.sum()) for a in arrays):
-        return bad                     # the common case, one sum each; an overflow falls through
+    """(N,) bool: nodes with an inf or NaN in any of the (N, ...) arrays, or in bad."""
     found = ~np.logical_and.reduce([np.isfinite(a).reshape(len(a), -1).all(1) for a in arrays])
     return found if bad is None else found | bad
 
@@ -446,88 +444,94 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
                   f"dense backend (N={N}, H={H})", "; use smaller block_rows or backend='sparse'")
     bias = _to_csr(bias, g)                        # (E, H) blocks read their edges in CSR order
     o, lse = np.empty_like(q), np.empty((N, H), q.dtype)                # (N, H, dh), (N, H)
-    bad = _nonfinite(q, k, v)
-    kh, vh = _heads_first(k), _heads_first(v)                          # (H, N, dh + 1) each
+    # heads first, each with a last column of ones (see dense_backward): (H, N, dh + 1) each
+    (qh, kh, vh), finite = _heads_first((q, k, v), (1, 1 / math.sqrt(dh), 1))
+    bad = None if finite else _nonfinite(q, k, v)      # an overflow of the sums falls through
+
+    # Softmax does not change with a shift c of each row's scores. Cauchy-Schwarz gives one that
+    # no score exceeds, so exp cannot overflow, without a pass over the scores: c = |q| max |k|.
+    # Where it is so loose that a row's sum may underflow, the block takes the row max instead,
+    # as it does with an edge bias or a non-finite input.
+    norm = lambda a: np.sqrt(np.einsum("hnd,hnd->hn", a[..., :dh], a[..., :dh]))   # (H, N)
+    qn, kn, bound, edges = norm(qh), norm(kh), bias is None and bad is None, np.diff(g.indptr)
 
     def lane(blocks):
-        shapes = lambda R, C: [(H, C, R), (H, R, dh), (H, R, dh + 1)]
-        for b, (s, q_b, o_b) in _buffers(blocks, q.dtype, shapes):
+        for b, (s, o_b) in _buffers(blocks, q.dtype, lambda R, C: [(H, C, R), (H, R, dh + 1)]):
             s = s.transpose(0, 2, 1)                 # (H, R, C) laid out source-major: _scores
-            # pass 1: scores, -inf at non-edges
-            np.multiply(q[b.rows].transpose(1, 0, 2), 1 / math.sqrt(dh), out=q_b)
-            _scores(q_b, kh, bias, g, b, s)                              # (H, R, C)
-            # pass 2: softmax over each row's edges: max subtracted for stability, empty rows 0
-            m = s.max(-1, initial=-np.inf)                               # (H, R)
-            m[m == -np.inf] = 0
-            np.subtract(s, m[..., None], out=s)
-            p = np.exp(s, out=s)                                         # (H, R, C) unnormalised
-            # pass 3: o = P V, normalised on the (R, dh) side; vh's ones give P's row sums
-            np.matmul(p, vh[:, b.cols], out=o_b)                         # (H, R, dh + 1)
-            den = np.maximum(o_b[..., dh], 1)          # (H, R) >= 1 unless a row has no edges
+            if bound:
+                # pass 1: scores - c, in the matmul with qh's last column -c and kh's ones
+                c = qn[:, b.rows] * kn[:, b.cols].max(-1, initial=0)[:, None]       # (H, R)
+                qh[:, b.rows, dh] = -c
+                p = np.exp(_scores(qh, kh, None, g, b, s), out=s)        # (H, R, C) unnormalised
+                # pass 3: o = P V, normalised on the (R, dh) side; vh's ones give P's row sums
+                np.matmul(p, vh[:, b.cols], out=o_b)                     # (H, R, dh + 1)
+            if not bound or (o_b[..., dh] < 2.0**-40)[:, edges[b.rows] > 0].any():
+                # pass 1: scores, -inf at non-edges
+                _scores(qh[..., :dh], kh[..., :dh], bias, g, b, s)       # (H, R, C)
+                # pass 2: softmax over each row's edges, the row max as the shift, empty rows 0
+                c = s.max(-1, initial=-np.inf)                           # (H, R)
+                c[c == -np.inf] = 0
+                p = np.exp(np.subtract(s, c[..., None], out=s), out=s)
+                np.matmul(p, vh[:, b.cols], out=o_b)
+            den = o_b[..., dh] + (o_b[..., dh] == 0)   # (H, R), 0 only in rows without edges: 0/1
             np.divide(o_b[..., :dh].transpose(1, 0, 2), den.T[..., None], out=o[b.rows])
-            lse[b.rows] = (m + np.log(den)).T          # log of sum exp(s): P = exp(s - lse)
+            lse[b.rows] = (c + np.log(den)).T          # log of sum exp(s): P = exp(s - lse)
     _map_threads(lane, _lanes(_split(_masked(g, block_rows), g, bad)))
-    return o, DenseCache(q, kh, vh, o, lse, bias, g, block_rows, bad)
+    return o, DenseCache(qh, kh, vh, o, lse, bias, g, block_rows, bad)
 
 
 def dense_backward(do, cache, dq, dk, dv):
-    q, kh, vh, o, lse, bias, g, block_rows, bad = cache
-    N, H, dh = q.shape
+    qh, kh, vh, o, lse, bias, g, block_rows, bad = cache
+    H, N, dh = qh.shape[0], qh.shape[1], qh.shape[2] - 1
     ds_edges = None if bias is None else np.empty_like(bias)            # (E, H) CSR order
-    lanes = _lanes(_split(_masked(g, block_rows), g, _nonfinite(o, do, bad=bad)))
-    # With a last column of ones, [q / sqrt(dh), -lse] kh^T is s - lse and [do, -delta] vh^T
-    # is dP - delta: each subtraction rides in its matmul instead of a pass over (H, R, C).
+    # With the last columns [q, -lse] kh^T is s - lse and [do, -delta] vh^T is dP - delta: each
+    # subtraction rides in its matmul instead of a pass over (H, R, C).
+    qh[..., dh] = -lse.T
+    (doh,), finite = _heads_first((do,), (1,))                          # (H, N, dh + 1)
+    bad = bad if finite and bad is None else _nonfinite(o, do, bad=bad)
+    lanes = _lanes(_split(_masked(g, block_rows), g, bad))
+    doh[..., dh] = -np.einsum("nhd,nhd->hn", do, o)    # delta = sum_j P dP = <do, o>
     # each lane sums its own dk, dv, heads first; the lanes are added in order at the end
-    acc = _buffer("dense dk dv", len(lanes) * 2 * dk.size, q.dtype).reshape(len(lanes), 2, H, N, dh)
+    acc = _buffer("dense dk dv", len(lanes) * 2 * dk.size, qh.dtype).reshape(len(lanes), 2, H, N, dh)
 
     def lane(n):
         acc[n] = 0
         dk_l, dv_l = acc[n]                                              # (H, N, dh) each
-        shapes = lambda R, C: [(H, C, R), (H, C, R), (H, C, dh), (H, R, dh + 1), (H, R, dh + 1)]
-        for b, (s, dp, t_c, q_b, do_b) in _buffers(lanes[n], q.dtype, shapes):
+        shapes = lambda R, C: [(H, C, R), (H, C, R), (H, C, dh)]
+        for b, (s, dp, t_c) in _buffers(lanes[n], qh.dtype, shapes):
             s, dp = s.transpose(0, 2, 1), dp.transpose(0, 2, 1)         # (H, R, C) each
             # recompute pass 2's P = exp(s - lse) from pass 1's scores
-            np.multiply(q[b.rows].transpose(1, 0, 2), 1 / math.sqrt(dh), out=q_b[..., :dh])
-            q_b[..., dh] = -lse[b.rows].T
-            _scores(q_b, kh, bias, g, b, s)                              # (H, R, C) s - lse
-            p = np.exp(s, out=s)                                         # (H, R, C)
+            p = np.exp(_scores(qh, kh, bias, g, b, s), out=s)            # (H, R, C)
             # backward of pass 3, o = P V: dV = P^T do, dP = do V^T
-            do_b[..., :dh] = do[b.rows].transpose(1, 0, 2)
-            np.matmul(p.transpose(0, 2, 1), do_b[..., :dh], out=t_c)
+            np.matmul(p.transpose(0, 2, 1), doh[:, b.rows, :dh], out=t_c)
             dv_l[:, b.cols] += t_c
-            np.einsum("rhd,rhd->hr", do[b.rows], o[b.rows], out=do_b[..., dh])
-            do_b[..., dh] *= -1                        # delta = sum_j P dP = <do, o>
-            np.matmul(vh[:, b.cols], do_b.transpose(0, 2, 1), out=dp.transpose(0, 2, 1))
+            np.matmul(vh[:, b.cols], doh[:, b.rows].transpose(0, 2, 1), out=dp.transpose(0, 2, 1))
             # backward of pass 2, the softmax: dS = P (dP - delta)
             ds = np.multiply(dp, p, out=dp)                              # (H, R, C)
             if bias is not None:
                 e, r, c = _block_edges(g, b)
                 ds_edges[e] = ds[:, r, c].T
-            # backward of pass 1: s = q k^T / sqrt(dh)
-            np.matmul(ds.transpose(0, 2, 1), q_b[..., :dh], out=t_c)
+            # backward of pass 1: s = q k^T / sqrt(dh); dk's 1 / sqrt(dh) comes with the lanes' sum
+            np.matmul(ds.transpose(0, 2, 1), qh[:, b.rows, :dh], out=t_c)
             dk_l[:, b.cols] += t_c
-            np.matmul(ds, kh[:, b.cols, :dh], out=do_b[..., :dh])       # do_b's buffer: dq
-            np.multiply(do_b[..., :dh].transpose(1, 0, 2), 1 / math.sqrt(dh), out=dq[b.rows])
+            np.matmul(ds, kh[:, b.cols, :dh], out=dq[b.rows].transpose(1, 0, 2))
     _map_threads(lane, range(len(lanes)))
 
-    def add_lanes(h):                                                   # in lane order
-        dk[:, h], dv[:, h] = acc[0, :, h]
-        for dk_l, dv_l in acc[1:, :, h]:
-            dk[:, h] += dk_l
-            dv[:, h] += dv_l
-    _map_threads(add_lanes, range(H))
+    def add_lanes(n):                                   # dk then dv, the lanes added in order
+        for lane_sum in acc[1:, n]:
+            acc[0, n] += lane_sum
+        np.multiply(acc[0, n], 1 / math.sqrt(dh) if n == 0 else 1, out=(dk, dv)[n].transpose(1, 0, 2))
+    _map_threads(add_lanes, [0, 1])
     return None if bias is None else _input_order(ds_edges, g)
 
 
 def dense_alpha(cache):
-    q, kh, vh, o, lse, bias, g, block_rows, bad = cache
-    _, H, dh = q.shape
-    alpha = np.empty((g.num_edges, H), q.dtype)                         # (E, H) CSR order
-    for b, (s, q_b) in _buffers(_masked(g, block_rows), q.dtype,
-                                lambda R, C: [(H, C, R), (H, R, dh)]):
+    qh, kh, vh, o, lse, bias, g, block_rows, bad = cache
+    H, dh = qh.shape[0], qh.shape[2] - 1
+    alpha = np.empty((g.num_edges, qh.shape[0]), qh.dtype)              # (E, H) CSR order
+    for b, (s,) in _buffers(_masked(g, block_rows), qh.dtype, lambda R, C: [(H, C, R)]):
         s = s.transpose(0, 2, 1)
-        np.multiply(q[b.rows].transpose(1, 0, 2), 1 / math.sqrt(dh), out=q_b)
-        p = np.exp(_scores(q_b, kh, bias, g, b, s) - lse[b.rows].T[..., None])
+        p = np.exp(_scores(qh[..., :dh], kh[..., :dh], bias, g, b, s) - lse[b.rows].T[..., None])
         e, r, c = _block_edges(g, b)                       # P at edges only: no 0 * NaN
         alpha[e] = p[:, r, c].T
     return _input_order(alpha, g)
@@ -941,13 +945,17 @@ def _buffer(key, n, dtype):
     return bufs[key][:nbytes].view(dtype)
 
 
-def _heads_first(a):
-    """a (N, H, dh) as (H, N, dh + 1), with a last column of ones: the dense blocks' matmuls then
-    read each head's rows contiguously, and the ones sum rows or subtract (see dense_backward)."""
-    out = np.empty((a.shape[1], a.shape[0], a.shape[2] + 1), a.dtype)
-    np.copyto(out[..., :-1], a.transpose(1, 0, 2))
-    out[..., -1] = 1
-    return out
+def _heads_first(arrays, scales):
+    """[a * scale, (N, H, dh) as (H, N, dh + 1) with a last column of ones], an array per thread,
+    and whether every a is finite (a sum each): the dense blocks' matmuls then read each head's
+    rows contiguously, and the ones sum or subtract in them."""
+    def copy(a, scale):
+        out = np.empty((a.shape[1], a.shape[0], a.shape[2] + 1), a.dtype)
+        np.multiply(a.transpose(1, 0, 2), scale, out=out[..., :-1])
+        out[..., -1] = 1
+        return out, np.isfinite(out.sum())
+    outs, finite = zip(*_map_threads(lambda task: copy(*task), list(zip(arrays, scales))))
+    return outs, all(finite)
 
 
 def _buffers(blocks, dtype, shapes):
@@ -969,9 +977,12 @@ def _lanes(blocks):
 
 
 def _map_threads(fn, items):
-    """list(map(fn, items)), on as many Python threads as Numba has."""
-    n = _threads()
-    return list(_python_threads(n).map(fn, items) if n > 1 and len(items) > 1 else map(fn, items))
+    """list(map(fn, items)), on as many Python threads as Numba has, each taking a run of items:
+    a task costs tens of microseconds to hand to a thread."""
+    n, items = min(_threads(), len(items)), list(items)
+    runs = [items[c * len(items) // n:(c + 1) * len(items) // n] for c in range(n)]
+    return [r for run in _python_threads(n).map(lambda run: [*map(fn, run)], runs) for r in run] \
+        if n > 1 else [*map(fn, items)]
 
 
 def _packed(q, k, v):
