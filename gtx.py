@@ -37,9 +37,7 @@ from threadpoolctl import ThreadpoolController
 
 PARAM_KEYS = ("Wq", "Wk", "Wv", "bq", "bk", "bv", "Wo", "bo")
 FLOATS = (np.float32, np.float64)
-# Numba kernels may reassociate and fuse (multiply-add) their sums, so that LLVM vectorises
-# them; no other fast-math flag is set, so inf and NaN keep their meaning.
-_REASSOC = {"reassoc", "contract"}
+_REASSOC = {"reassoc", "contract"}    # Numba may reorder and fuse sums to vectorise; inf, NaN kept
 
 
 # ---------------------------------------------------------------- graph
@@ -107,10 +105,6 @@ class Graph:
     @cached_property
     def perm(self):
         return np.arange(self.num_edges)
-
-    @property
-    def is_complete(self):
-        return self.num_edges == self.num_nodes ** 2
 
     def derived(self, key, build):      # what a backend derives from the graph, built once
         if key not in self._derived:
@@ -197,8 +191,7 @@ def random_graph(n, avg_degree=None, density=None, rng=None):
         raise ValueError("random_graph: give exactly one of avg_degree or density")
     E = round(avg_degree * n) if density is None else round(density * n * n)
     if not 0 <= E <= n * (n - 1):
-        raise ValueError(f"random_graph: {E} edges do not fit in {n} nodes without self-loops "
-                         f"(at most n(n-1) = {n * (n - 1)})")
+        raise ValueError(f"random_graph: {E} edges exceed the n(n-1) = {n * (n - 1)} possible")
     key = np.random.default_rng(rng).choice(n * (n - 1), size=E, replace=False)  # not diagonal
     dst, src = np.divmod(key, max(n - 1, 1))
     return Graph(np.stack([src + (src >= dst), dst]), n)    # shift past the diagonal: no self-loops
@@ -216,8 +209,7 @@ def init_params(d_model, n_heads, d_head=None, rng=None, dtype=np.float64):
                          f"{d_model!r}, {n_heads!r}, {d_head!r}")
     dh = d_model // n_heads if d_head is None else d_head
     if dh < 1:
-        raise ValueError(f"init_params: d_model // n_heads = {d_model} // {n_heads} is 0; "
-                         f"give d_head")
+        raise ValueError(f"init_params: d_model // n_heads = {d_model // n_heads}; give d_head")
     if np.dtype(dtype) not in FLOATS:
         raise ValueError(f"init_params: dtype must be float32 or float64, got {np.dtype(dtype)}")
     D, H, rng = d_model, n_heads, np.random.default_rng(rng)
@@ -239,8 +231,8 @@ def _project(x, p):
     """q, k, v = x Wq + bq, x Wk + bk, x Wv + bv as one matmul: (N, H, dh) views of one
     (N, 3, H, dh) array, where a node's k and v sit side by side for the sparse kernels."""
     D, H, dh = p["Wq"].shape
-    qkv, = _matmuls(Product(x, _w_qkv(p), add=np.stack([p["bq"], p["bk"], p["bv"]]).reshape(-1)))
-    qkv = qkv.reshape(-1, 3, H, dh)                                     # (N, 3, H, dh)
+    b = np.stack([p["bq"], p["bk"], p["bv"]]).reshape(-1)
+    qkv = _matmuls(Product(x, _w_qkv(p), add=b))[0].reshape(-1, 3, H, dh)   # (N, 3, H, dh)
     return qkv[:, 0], qkv[:, 1], qkv[:, 2]
 
 
@@ -316,11 +308,10 @@ def naive_backward(do, cache, dq, dk, dv):
 # ---------------------------------------------------------------- dense
 # As a Transformer computes: for each block of target rows, the scores against the source
 # columns the block needs are one matmul, non-edges are set to -inf (only where the block is
-# not full), then the softmax, then P V. Complete, causal, window and batched
-# structured graphs give each block a contiguous range of columns; a general graph gives the
-# sources found in the block's CSR rows. The backward recomputes each block's probabilities
-# from q, k and the log-sum-exp kept by the forward (as FlashAttention does): nothing of size
-# N^2 is ever kept. Blocks run on threads in lanes (see _lanes at the end).
+# not full), then the softmax, then P V. Complete, causal, window and batched structured graphs
+# give each block a contiguous range of columns; a general graph, the sources in the block's
+# CSR rows. The backward recomputes each block's probabilities from q, k and the log-sum-exp kept
+# by the forward (as FlashAttention does): nothing of size N^2 is kept. Blocks run in lanes.
 DenseCache = namedtuple("DenseCache", "qh kh vh o lse bias g block_rows bad")
 
 
@@ -369,17 +360,16 @@ def dense_blocks(g, block_rows=None):
 
 def _masked(g, block_rows):
     """dense_blocks with their masks, built on the first dense call (choose_backend needs none)."""
-    def build(b):
-        edge = b.ragged and _edge_mask(g, b, b.sources[b.ragged])
-        return b if edge is None else b._replace(mask=np.where(edge.T, 0, -np.inf).astype("f4").T)
+    def build(b):                        # the mask (R, ragged) laid out as the scores are
+        e = b.ragged and _edge_mask(g, b, b.sources[b.ragged])
+        return b if e is None else b._replace(mask=np.where(e.T, 0, -np.inf).astype("f4", "C").T)
     return g.derived(("masks", block_rows), lambda: [*map(build, dense_blocks(g, block_rows))])
 
 
 def dense_bytes(g, n_heads, dtype, edge_bias=False, block_rows=None):
-    """Bytes the dense backend needs beyond its (N, H, dh) arrays (inputs, outputs, heads-first
-    copies, 2 per thread for key and value gradients): three (H, R, C) blocks of scratch per
-    thread (four with an edge bias), an edge bias's (E, H) copy and gradient, and the blocks'
-    masks (4 bytes a pair, built once per graph)."""
+    """Bytes the dense backend needs beyond arrays the size of q (q, k, v, do heads first, o, 2 per
+    thread for dk, dv): per thread three (H, R, C) blocks (s, dP and, at most, smaller scratch; four
+    with a bias), an edge bias's (E, H) copy and gradient, the masks (4 bytes a pair, per graph)."""
     blocks, item = dense_blocks(g, block_rows), np.dtype(dtype).itemsize
     cells = max([b.R * b.C for b in blocks], default=0)
     masks = 4 * sum(b.R * (b.ragged.stop - b.ragged.start) for b in blocks if b.ragged is not None)
@@ -444,61 +434,56 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
                   f"dense backend (N={N}, H={H})", "; use smaller block_rows or backend='sparse'")
     bias = _to_csr(bias, g)                        # (E, H) blocks read their edges in CSR order
     o, lse = np.empty_like(q), np.empty((N, H), q.dtype)                # (N, H, dh), (N, H)
-    # heads first, each with a last column of ones (see dense_backward): (H, N, dh + 1) each
-    (qh, kh, vh), finite = _heads_first((q, k, v), (1, 1 / math.sqrt(dh), 1))
-    bad = None if finite else _nonfinite(q, k, v)      # an overflow of the sums falls through
+    (qh, kh, vh), (qn, kn, _), finite = _heads_first((q, k, v), (1, 1 / math.sqrt(dh), 1))
+    bad = None if all(finite) else _nonfinite(q, k, v)
 
-    # Softmax does not change with a shift c of each row's scores. Cauchy-Schwarz gives one that
-    # no score exceeds, so exp cannot overflow, without a pass over the scores: c = |q| max |k|.
-    # Where it is so loose that a row's sum may underflow, the block takes the row max instead,
-    # as it does with an edge bias or a non-finite input.
-    norm = lambda a: np.sqrt(np.einsum("hnd,hnd->hn", a[..., :dh], a[..., :dh]))   # (H, N)
-    qn, kn, bound, edges = norm(qh), norm(kh), bias is None and bad is None, np.diff(g.indptr)
+    # Softmax does not change with a shift c of each row's scores, and c = |q| max|k| is one that
+    # no score exceeds (Cauchy-Schwarz), so exp cannot overflow: no pass to find the scores' max.
+    # Where c is so loose that a row's sum may underflow, and with a bias, the max is the shift.
+    def attend(b, s, o_b, bound):                                       # -> c (H, R)
+        c = qn[:, b.rows] * kn[:, b.cols].max(-1, initial=0)[:, None] if bound else 0
+        qh[:, b.rows, dh] = -c
+        # pass 1: s - c, -inf at non-edges: -c rides in the matmul (qh's last column, kh's ones)
+        _scores(qh, kh, bias, g, b, s)                                   # (H, R, C)
+        if not bound:                                  # the row max; 0 in rows without edges
+            c = s.max(-1, initial=-np.inf)
+            c[c == -np.inf] = 0
+            np.subtract(s, c[..., None], out=s)
+        # pass 2: unnormalised P; pass 3: P V, and with vh's ones P's row sums
+        np.matmul(np.exp(s, out=s), vh[:, b.cols], out=o_b)             # (H, R, dh + 1)
+        return c
 
     def lane(blocks):
         for b, (s, o_b) in _buffers(blocks, q.dtype, lambda R, C: [(H, C, R), (H, R, dh + 1)]):
             s = s.transpose(0, 2, 1)                 # (H, R, C) laid out source-major: _scores
-            if bound:
-                # pass 1: scores - c, in the matmul with qh's last column -c and kh's ones
-                c = qn[:, b.rows] * kn[:, b.cols].max(-1, initial=0)[:, None]       # (H, R)
-                qh[:, b.rows, dh] = -c
-                p = np.exp(_scores(qh, kh, None, g, b, s), out=s)        # (H, R, C) unnormalised
-                # pass 3: o = P V, normalised on the (R, dh) side; vh's ones give P's row sums
-                np.matmul(p, vh[:, b.cols], out=o_b)                     # (H, R, dh + 1)
-            if not bound or (o_b[..., dh] < 2.0**-40)[:, edges[b.rows] > 0].any():
-                # pass 1: scores, -inf at non-edges
-                _scores(qh[..., :dh], kh[..., :dh], bias, g, b, s)       # (H, R, C)
-                # pass 2: softmax over each row's edges, the row max as the shift, empty rows 0
-                c = s.max(-1, initial=-np.inf)                           # (H, R)
-                c[c == -np.inf] = 0
-                p = np.exp(np.subtract(s, c[..., None], out=s), out=s)
-                np.matmul(p, vh[:, b.cols], out=o_b)
+            c = attend(b, s, o_b, bias is None)
+            edges = np.diff(g.indptr[b.rows.start:b.rows.stop + 1]) > 0               # (R,)
+            if bias is None and (o_b[..., dh] < 2.0**-40)[:, edges].any():
+                c = attend(b, s, o_b, False)
             den = o_b[..., dh] + (o_b[..., dh] == 0)   # (H, R), 0 only in rows without edges: 0/1
             np.divide(o_b[..., :dh].transpose(1, 0, 2), den.T[..., None], out=o[b.rows])
             lse[b.rows] = (c + np.log(den)).T          # log of sum exp(s): P = exp(s - lse)
     _map_threads(lane, _lanes(_split(_masked(g, block_rows), g, bad)))
+    qh[..., dh] = -lse.T                               # [q, -lse] kh^T = s - lse: see backward
     return o, DenseCache(qh, kh, vh, o, lse, bias, g, block_rows, bad)
 
 
 def dense_backward(do, cache, dq, dk, dv):
     qh, kh, vh, o, lse, bias, g, block_rows, bad = cache
-    H, N, dh = qh.shape[0], qh.shape[1], qh.shape[2] - 1
+    N, H, dh = do.shape
     ds_edges = None if bias is None else np.empty_like(bias)            # (E, H) CSR order
-    # With the last columns [q, -lse] kh^T is s - lse and [do, -delta] vh^T is dP - delta: each
-    # subtraction rides in its matmul instead of a pass over (H, R, C).
-    qh[..., dh] = -lse.T
-    (doh,), finite = _heads_first((do,), (1,))                          # (H, N, dh + 1)
+    # [q, -lse] kh^T = s - lse and [do, -delta] vh^T = dP - delta: no pass over (H, R, C) subtracts
+    (doh,), _, (finite,) = _heads_first((do,), (1,))                    # (H, N, dh + 1)
     bad = bad if finite and bad is None else _nonfinite(o, do, bad=bad)
     lanes = _lanes(_split(_masked(g, block_rows), g, bad))
     doh[..., dh] = -np.einsum("nhd,nhd->hn", do, o)    # delta = sum_j P dP = <do, o>
-    # each lane sums its own dk, dv, heads first; the lanes are added in order at the end
-    acc = _buffer("dense dk dv", len(lanes) * 2 * dk.size, qh.dtype).reshape(len(lanes), 2, H, N, dh)
+    acc = _buffer("dense dkv", len(lanes) * 2 * dk.size, dk.dtype).reshape(len(lanes), 2, H, N, dh)
 
     def lane(n):
         acc[n] = 0
-        dk_l, dv_l = acc[n]                                              # (H, N, dh) each
-        shapes = lambda R, C: [(H, C, R), (H, C, R), (H, C, dh)]
-        for b, (s, dp, t_c) in _buffers(lanes[n], qh.dtype, shapes):
+        dk_l, dv_l = acc[n]                 # (H, N, dh) each: this lane's, added in lane order
+        for b, (s, dp, t_c) in _buffers(lanes[n], dk.dtype, lambda R, C: [(H, C, R)] * 2
+                                        + [(H, C, dh)]):
             s, dp = s.transpose(0, 2, 1), dp.transpose(0, 2, 1)         # (H, R, C) each
             # recompute pass 2's P = exp(s - lse) from pass 1's scores
             p = np.exp(_scores(qh, kh, bias, g, b, s), out=s)            # (H, R, C)
@@ -517,21 +502,19 @@ def dense_backward(do, cache, dq, dk, dv):
             np.matmul(ds, kh[:, b.cols, :dh], out=dq[b.rows].transpose(1, 0, 2))
     _map_threads(lane, range(len(lanes)))
 
-    def add_lanes(n):                                   # dk then dv, the lanes added in order
+    def add_lanes(n, out, scale):                       # dk then dv, the lanes added in order
         for lane_sum in acc[1:, n]:
             acc[0, n] += lane_sum
-        np.multiply(acc[0, n], 1 / math.sqrt(dh) if n == 0 else 1, out=(dk, dv)[n].transpose(1, 0, 2))
-    _map_threads(add_lanes, [0, 1])
+        np.multiply(acc[0, n], scale, out=out.transpose(1, 0, 2))
+    _map_threads(lambda task: add_lanes(*task), [(0, dk, 1 / math.sqrt(dh)), (1, dv, 1)])
     return None if bias is None else _input_order(ds_edges, g)
 
 
 def dense_alpha(cache):
     qh, kh, vh, o, lse, bias, g, block_rows, bad = cache
-    H, dh = qh.shape[0], qh.shape[2] - 1
-    alpha = np.empty((g.num_edges, qh.shape[0]), qh.dtype)              # (E, H) CSR order
-    for b, (s,) in _buffers(_masked(g, block_rows), qh.dtype, lambda R, C: [(H, C, R)]):
-        s = s.transpose(0, 2, 1)
-        p = np.exp(_scores(qh[..., :dh], kh[..., :dh], bias, g, b, s) - lse[b.rows].T[..., None])
+    alpha = np.empty((g.num_edges, len(qh)), qh.dtype)                  # (E, H) CSR order
+    for b, (s,) in _buffers(_masked(g, block_rows), qh.dtype, lambda R, C: [(len(qh), C, R)]):
+        p = np.exp(_scores(qh, kh, bias, g, b, s.transpose(0, 2, 1)))  # P = exp(s - lse)
         e, r, c = _block_edges(g, b)                       # P at edges only: no 0 * NaN
         alpha[e] = p[:, r, c].T
     return _input_order(alpha, g)
@@ -669,9 +652,8 @@ def sparse_backward(do, cache, dq, dk, dv):
     qkv, o, alpha, g, has_bias = cache
     _start_numba_threads()
     idx, dqkv = _sparse_index(g), _packed(dq, dk, dv)                  # (N, 3, H, dh)
-    # ds (E, H): returned with a bias, else scratch kept between calls
-    ds = np.empty_like(alpha) if has_bias else _buffer("sparse ds", alpha.size, alpha.dtype)
-    ds = ds.reshape(alpha.shape)
+    ds = (np.empty_like(alpha) if has_bias    # (E, H): returned with a bias, else kept scratch
+          else _buffer("sparse ds", alpha.size, alpha.dtype).reshape(alpha.shape))
     _sparse_backward_targets(do, qkv, o, alpha, dqkv, ds, g.indptr, g.src, idx.chunks)
     _sparse_backward_sources(do, qkv, alpha, ds, dqkv, idx.t_indptr, idx.t_pos, idx.t_dst,
                              idx.t_chunks)
@@ -745,8 +727,8 @@ def attention_weights(cache):
 # Seconds, fitted to the attention alone (forward and backward, float32, no bias, 2 threads of a
 # 2-core Xeon) on 28 graphs, bench.py's among them: per call, dense block, sparse node, per pair of
 # a block (or edge) and head, and per multiply-add of each. float64 costs about twice as much.
-COST = dict(dense_call=1.1e-3, dense_block=2.4e-4, dense_pair=3.1e-9, dense_mac=5.0e-11,
-            sparse_call=1.8e-4, sparse_edge=9.9e-9, sparse_mac=4.7e-10, sparse_node=2.4e-7)
+COST = dict(dense_call=1.0e-3, dense_block=2.2e-4, dense_pair=2.9e-9, dense_mac=4.2e-11,
+            sparse_call=2.2e-4, sparse_edge=1.0e-8, sparse_mac=4.9e-10, sparse_node=2.4e-7)
 
 
 def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
@@ -755,7 +737,7 @@ def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
     A backend whose memory does not fit gets inf: auto never picks one that would MemoryError."""
     H, dh, c, scale = n_heads, d_head, COST, np.dtype(dtype).itemsize / 4
     blocks = dense_blocks(g)
-    pairs = sum(b.R * b.C for b in blocks)
+    pairs = sum(b.R * b.C for b in blocks)                              # dense's (row, column)s
     cost = {"dense": c["dense_call"] + c["dense_block"] * len(blocks)
             + scale * H * pairs * (c["dense_pair"] + dh * c["dense_mac"]),
             "sparse": c["sparse_call"] + scale * g.num_nodes * c["sparse_node"]
@@ -817,8 +799,7 @@ def laplacian_pe(g, k, rng=None):
     the N - 1 the graph has are 0. A dense eigendecomposition: O(N^3) time, about 4 N^2 floats."""
     if not isinstance(g, Graph):
         raise TypeError(f"g must be a Graph, got {type(g).__name__}")
-    k = _count("k", k)
-    N = g.num_nodes
+    k, N = _count("k", k), g.num_nodes
     _check_memory(4 * 8 * N * N, f"laplacian_pe: the dense eigendecomposition of an {N} x {N} L")
     src, dst = g.edge_index
     A = np.zeros((N, N))                                                # (N, N) symmetric
@@ -891,8 +872,7 @@ def _threads():                         # Numba's thread count, which gtx's Pyth
 def _start_numba_threads():
     """Starts Numba's threads (as its first parallel call or get_num_threads would) with
     OMP_WAIT_POLICY=passive unless set, then restores the environment: idle OpenMP threads sleep
-    at once instead of spinning on the cores gtx's Python threads need next. The OpenMP runtime
-    reads it once, when Numba loads it; nothing else sees it."""
+    at once instead of spinning on the cores gtx's Python threads need next (read once, here)."""
     before = os.environ.get("OMP_WAIT_POLICY")
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     try:
@@ -946,16 +926,16 @@ def _buffer(key, n, dtype):
 
 
 def _heads_first(arrays, scales):
-    """[a * scale, (N, H, dh) as (H, N, dh + 1) with a last column of ones], an array per thread,
-    and whether every a is finite (a sum each): the dense blocks' matmuls then read each head's
-    rows contiguously, and the ones sum or subtract in them."""
+    """For each (N, H, dh) a: a * scale as (H, N, dh + 1) with a last column of ones, its (H, N)
+    norms and whether it is finite; an array per thread. The dense blocks' matmuls then read each
+    head's rows contiguously, and the ones sum or subtract in them."""
     def copy(a, scale):
         out = np.empty((a.shape[1], a.shape[0], a.shape[2] + 1), a.dtype)
         np.multiply(a.transpose(1, 0, 2), scale, out=out[..., :-1])
         out[..., -1] = 1
-        return out, np.isfinite(out.sum())
-    outs, finite = zip(*_map_threads(lambda task: copy(*task), list(zip(arrays, scales))))
-    return outs, all(finite)
+        norm = np.sqrt(np.einsum("hnd,hnd->hn", out[..., :-1], out[..., :-1]))
+        return out, norm, np.isfinite(norm.sum())      # an overflow of the squares falls through
+    return zip(*_map_threads(lambda task: copy(*task), list(zip(arrays, scales))))
 
 
 def _buffers(blocks, dtype, shapes):
@@ -1001,18 +981,16 @@ Product = namedtuple("Product", "a b out add", defaults=[None, None])  # a @ b (
 
 
 def _matmuls(*products, min_work=2**22):
-    """[a @ b (+ add, an (n,) row) for each Product], all at once on Python threads, one BLAS call
-    per block: the longer side of each (M, n) result is cut into the product's share of the
-    threads (fewer blocks for small products), so that each element is summed by one call, as in
-    a @ b, and results do not depend on the thread count."""
+    """[a @ b (+ add, an (n,) row) for each Product], all at once on Python threads: the longer
+    side of each (M, n) result is cut into the product's share of the threads (fewer blocks for
+    small products), so each element is one BLAS call's sum, whatever the thread count."""
     outs, blocks = [], []
     for a, b, out, add in products:
         (M, K), n = a.shape, b.shape[1]
         outs.append(np.empty((M, n), np.result_type(a, b)) if out is None else out.reshape(M, n))
         k = max(1, min(_threads() // len(products), M * K * n // min_work))
-        cuts = [slice(c * max(M, n) // k, (c + 1) * max(M, n) // k) for c in range(k)]
-        blocks += [(a, b, outs[-1], add, (c, slice(None)) if M >= n else (slice(None), c))
-                   for c in cuts]
+        for c in (slice(c * max(M, n) // k, (c + 1) * max(M, n) // k) for c in range(k)):
+            blocks.append((a, b, outs[-1], add, (c, slice(None)) if M >= n else (slice(None), c)))
 
     def block(a, b, out, add, cut):
         np.matmul(a[cut[0]], b[:, cut[1]], out=out[cut])

@@ -202,16 +202,16 @@ def test_equals_textbook_attention(backend, causal):
 def test_graph_constructors():
     ei = np.array([[0, 2, 1], [1, 1, 0]])
     g = gtx.Graph(ei, 3)
-    assert (g.num_nodes, g.num_edges, g.is_complete) == (3, 3, False)
+    assert (g.num_nodes, g.num_edges, g.num_edges == g.num_nodes ** 2) == (3, 3, False)
     ei[0, 0] = 1                                   # Graph keeps its own read-only copy
     assert g.edge_index.tolist() == [[0, 2, 1], [1, 1, 0]]
     assert not g.edge_index.flags.writeable
 
     edges = lambda g: set(zip(*g.edge_index.tolist()))
     n = 5
-    assert gtx.complete_graph(n).is_complete
+    assert gtx.complete_graph(n).num_edges == n * n
     assert edges(gtx.complete_graph(n)) == {(j, i) for j in range(n) for i in range(n)}
-    assert not gtx.complete_graph(n, self_loops=False).is_complete
+    assert gtx.complete_graph(n, self_loops=False).num_edges == n * n - n
     assert edges(gtx.complete_graph(n, self_loops=False)) == {(j, i) for j in range(n) for i in range(n) if j != i}
     assert edges(gtx.causal_graph(n)) == {(j, i) for i in range(n) for j in range(i + 1)}
 
@@ -583,7 +583,7 @@ def test_structured_graph_equals_its_edge_list(graph, bias):
 
 def test_structured_constructors():
     g = gtx.complete_graph(10**6)                                   # 10^12 edges: never listed
-    assert (g.num_nodes, g.num_edges, g.is_complete) == (10**6, 10**12, True)
+    assert (g.num_nodes, g.num_edges, g.num_edges == g.num_nodes ** 2) == (10**6, 10**12, True)
     assert gtx.complete_graph(10**6, self_loops=False).num_edges == 10**12 - 10**6
     assert gtx.causal_graph(10**6).num_edges == 10**6 * (10**6 + 1) // 2
     w = gtx.causal_graph(6, window=3)
@@ -711,6 +711,27 @@ def test_lifted_backend_with_separate_arrays(backend):
     for key in ref:
         assert out[key].dtype == F32
         assert_close(f"{backend} {key}", out[key], ref[key], RTOL[F32], ATOL[F32])
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("case", ["loose", "far"])
+def test_dense_shift_by_the_bound(case, dtype):
+    """Dense shifts each row's scores by |q| max|k| (Cauchy-Schwarz) rather than by their max.
+    "loose": q scaled up puts that shift 10 to 24 above the row max, where exp(s - shift) keeps its
+    precision. "far": large, nearly orthogonal q and k put it ~10^3 above, where every exp
+    underflows, so the block must take the row max instead (else o would be 0)."""
+    g = gtx.random_graph(60, avg_degree=9, rng=4)
+    q, k, v, _, do = core_inputs(g, H=2, dh=8, seed=27, bias=False)
+    if case == "loose":
+        q *= 4
+    else:
+        q[:, 0] = 0.1 * q[:, 0] + [100, 0, 0, 0, 0, 0, 0, 0]        # head 0: q along e0,
+        k[:, 0] = 0.1 * k[:, 0] + [0, 100, 0, 0, 0, 0, 0, 0]        # k along e1
+    ref = attention_core("naive", g, q, k, v, None, do)
+    out = attention_core("dense", g, *(a.astype(dtype) for a in (q, k, v)), None, do.astype(dtype))
+    for key in ref:
+        assert_close(f"dense ({case}, {dtype.__name__}) {key}", out[key], ref[key], RTOL[dtype],
+                     ATOL[dtype])
 
 
 # ---------------------------------------------------------------- choosing a backend, limits, side effects
