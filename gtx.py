@@ -957,12 +957,12 @@ def _lanes(blocks):
 
 
 def _map_threads(fn, items):
-    """list(map(fn, items)), on as many Python threads as Numba has, each taking a run of items:
-    a task costs tens of microseconds to hand to a thread."""
+    """list(map(fn, items)) on as many threads as Numba has, this one included, each taking a run
+    of items: a task costs tens of microseconds to hand to a thread."""
     n, items = min(_threads(), len(items)), list(items)
     runs = [items[c * len(items) // n:(c + 1) * len(items) // n] for c in range(n)]
-    return [r for run in _python_threads(n).map(lambda run: [*map(fn, run)], runs) for r in run] \
-        if n > 1 else [*map(fn, items)]
+    rest = _python_threads(n - 1).map(lambda run: [*map(fn, run)], runs[1:]) if n > 1 else []
+    return [*map(fn, runs[0] if runs else [])] + [r for run in rest for r in run]
 
 
 def _packed(q, k, v):
