@@ -465,13 +465,15 @@ def verdicts(recs, cross, n, memory):
     for name in ("causal", "window", "long", "molecules", "powerlaw", "sparse"):
         if name in by:
             versus(name, f"{name} (N={by[name]['N']}, {by[name]['E'] / by[name]['N']:.0f} in-edges/node)")
-    autos = [(total_s(r["rows"]["auto"]) / min(total_s(r["rows"][b]) for b in ("dense", "sparse")
-                                                if "times" in r["rows"][b]), r["name"])
-             for r in recs if "times" in r["rows"]["auto"]]
+    autos = [(total_s(r["rows"]["auto"]) / total_s(r["rows"][fast]), r["name"],
+              r["rows"]["auto"]["picked"] == fast)
+             for r in recs if "times" in r["rows"]["auto"]
+             for fast in [min((b for b in ("dense", "sparse") if "times" in r["rows"][b]),
+                              key=lambda b: total_s(r["rows"][b]))]]
     if autos:
         worst = max(autos)
-        out.append(f"auto: within {worst[0]:.2f}x of the faster backend on every workload "
-                   f"(worst: {worst[1]})")
+        out.append(f"auto: picked the faster backend on {sum(a[2] for a in autos)} of {len(autos)} "
+                   f"workloads; its time within {worst[0]:.2f}x of it (worst: {worst[1]})")
     for name in ("long", "sparse"):
         peaks = {b: memory[name, b]["peak_bytes"] for b in ("dense", "sparse")
                  if "peak_bytes" in memory.get((name, b), {})}
