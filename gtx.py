@@ -61,8 +61,7 @@ class Graph:
                       "; complete_graph, causal_graph(n, window), batch_graphs list no edges")
         bad = np.flatnonzero(((ei < 0) | (ei >= N)).any(0))
         if bad.size:
-            c = bad[0]
-            raise ValueError(f"edge_index column {c} is ({ei[0, c]}, {ei[1, c]}): "
+            raise ValueError(f"edge_index column {bad[0]} is {tuple(ei[:, bad[0]].tolist())}: "
                              f"node indices must be in [0, num_nodes={N})")
         src, dst = ei.astype(np.int64)
         key = dst * N + src                         # (E,) one integer per (j, i) pair
@@ -317,8 +316,7 @@ DenseCache = namedtuple("DenseCache", "qh kh vh o lse bias g block_rows bad")
 
 class Block(namedtuple("Block", "rows cols ragged mask", defaults=[None, None])):
     """rows: a slice of targets; cols: their sources, a slice or a sorted array; ragged: a slice
-    of cols where some pair is not an edge, or None; mask (R, ragged) float32: 0 at edges, -inf
-    elsewhere: added to finite scores (see _split), it keeps edges and makes non-edges -inf."""
+    of cols where some pair is not an edge, or None; mask (R, ragged): 0 at edges, else -inf."""
     R = property(lambda b: b.rows.stop - b.rows.start)
     C = property(lambda b: b.cols.stop - b.cols.start if isinstance(b.cols, slice) else b.cols.size)
     sources = property(lambda b: np.arange(b.cols.start, b.cols.stop) if isinstance(b.cols, slice)
@@ -367,9 +365,9 @@ def _masked(g, block_rows):
 
 
 def dense_bytes(g, n_heads, dtype, edge_bias=False, block_rows=None):
-    """Bytes the dense backend needs beyond arrays the size of q (q, k, v, do heads first, o, 2 per
-    thread for dk, dv): per thread three (H, R, C) blocks (s, dP and, at most, smaller scratch; four
-    with a bias), an edge bias's (E, H) copy and gradient, the masks (4 bytes a pair, per graph)."""
+    """Bytes dense needs beyond arrays the size of q (q, k, v, do heads first, o, 2 a thread for dk,
+    dv): per thread three (H, R, C) blocks (s, dP, then (H, C, dh) scratch if R >= dh; four with a
+    bias), a bias's (E, H) copy and gradient, and masks (4 bytes a pair, kept per graph)."""
     blocks, item = dense_blocks(g, block_rows), np.dtype(dtype).itemsize
     cells = max([b.R * b.C for b in blocks], default=0)
     masks = 4 * sum(b.R * (b.ragged.stop - b.ragged.start) for b in blocks if b.ragged is not None)
@@ -424,7 +422,7 @@ def _split(blocks, g, bad):
 
 def _nonfinite(*arrays, bad=None):
     """(N,) bool: nodes with an inf or NaN in any of the (N, ...) arrays, or in bad."""
-    found = ~np.logical_and.reduce([np.isfinite(a).reshape(len(a), -1).all(1) for a in arrays])
+    found = ~np.logical_and.reduce([np.isfinite(a).all(tuple(range(1, a.ndim))) for a in arrays])
     return found if bad is None else found | bad
 
 
@@ -441,7 +439,8 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
     # no score exceeds (Cauchy-Schwarz), so exp cannot overflow: no pass to find the scores' max.
     # Where c is so loose that a row's sum may underflow, and with a bias, the max is the shift.
     def attend(b, s, o_b, bound):                                       # -> c (H, R)
-        c = qn[:, b.rows] * kn[:, b.cols].max(-1, initial=0)[:, None] if bound else 0
+        with np.errstate(invalid="ignore"):        # inf * 0 = NaN: the row max is taken then
+            c = qn[:, b.rows] * kn[:, b.cols].max(-1, initial=0)[:, None] if bound else 0
         qh[:, b.rows, dh] = -c
         # pass 1: s - c, -inf at non-edges: -c rides in the matmul (qh's last column, kh's ones)
         _scores(qh, kh, bias, g, b, s)                                   # (H, R, C)
@@ -458,7 +457,7 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
             s = s.transpose(0, 2, 1)                 # (H, R, C) laid out source-major: _scores
             c = attend(b, s, o_b, bias is None)
             edges = np.diff(g.indptr[b.rows.start:b.rows.stop + 1]) > 0               # (R,)
-            if bias is None and (o_b[..., dh] < 2.0**-40)[:, edges].any():
+            if bias is None and not (o_b[..., dh] >= 2.0**-40)[:, edges].all():   # or NaN
                 c = attend(b, s, o_b, False)
             den = o_b[..., dh] + (o_b[..., dh] == 0)   # (H, R), 0 only in rows without edges: 0/1
             np.divide(o_b[..., :dh].transpose(1, 0, 2), den.T[..., None], out=o[b.rows])
@@ -473,8 +472,8 @@ def dense_backward(do, cache, dq, dk, dv):
     N, H, dh = do.shape
     ds_edges = None if bias is None else np.empty_like(bias)            # (E, H) CSR order
     # [q, -lse] kh^T = s - lse and [do, -delta] vh^T = dP - delta: no pass over (H, R, C) subtracts
-    (doh,), _, (finite,) = _heads_first((do,), (1,))                    # (H, N, dh + 1)
-    bad = bad if finite and bad is None else _nonfinite(o, do, bad=bad)
+    (doh,), _, (finite,) = _heads_first((do,), (1,))    # (H, N, dh + 1); a bias's inf shows in o
+    bad = _nonfinite(o, do, bad=bad) if bad is not None or bias is not None or not finite else None
     lanes = _lanes(_split(_masked(g, block_rows), g, bad))
     doh[..., dh] = -np.einsum("nhd,nhd->hn", do, o)    # delta = sum_j P dP = <do, o>
     acc = _buffer("dense dkv", len(lanes) * 2 * dk.size, dk.dtype).reshape(len(lanes), 2, H, N, dh)
@@ -791,12 +790,11 @@ def sinusoidal_pe(n, d):
 
 
 def laplacian_pe(g, k, rng=None):
-    """(N, k) Laplacian eigenvector encodings (Dwivedi & Bresson 2020): eigenvectors of
-    L = I - D^-1/2 A D^-1/2 on the undirected version of g, self-loops ignored, ascending, the first
-    dropped. An isolated node has D^-1/2 = 0, so its row of L is the identity's: its indicator is an
-    eigenvector, eigenvalue 1. Sign: in each column the entry of largest magnitude (the first on
-    ties) is positive; with an rng, signs are then flipped at random, as in training. Columns past
-    the N - 1 the graph has are 0. A dense eigendecomposition: O(N^3) time, about 4 N^2 floats."""
+    """(N, k) Laplacian eigenvector encodings (Dwivedi & Bresson 2020): eigenvectors of L = I -
+    D^-1/2 A D^-1/2 on the undirected g, self-loops ignored, ascending, the first dropped. An
+    isolated node has D^-1/2 = 0, so its indicator is an eigenvector, eigenvalue 1. Sign: in each
+    column the entry of largest magnitude (the first on ties) is positive; with an rng, signs are
+    then flipped at random, as in training. Columns past N - 1 are 0. O(N^3) time, 4 N^2 floats."""
     if not isinstance(g, Graph):
         raise TypeError(f"g must be a Graph, got {type(g).__name__}")
     k, N = _count("k", k), g.num_nodes
@@ -948,8 +946,7 @@ def _buffers(blocks, dtype, shapes):
 
 
 def _lanes(blocks):
-    """The dense blocks in contiguous runs of about equal work, one per Python thread (BLAS on
-    one thread each). A lane sums its own key and value gradients; lanes are added in order."""
+    """The dense blocks in contiguous runs of about equal work, one per thread (a lane)."""
     n = _threads()
     work = np.cumsum([b.R * b.C for b in blocks] or [0])
     cuts = [0, *np.searchsorted(work, work[-1] * np.arange(1, n) / n, "right"), len(blocks)]
@@ -962,7 +959,10 @@ def _map_threads(fn, items):
     n, items = min(_threads(), len(items)), list(items)
     runs = [items[c * len(items) // n:(c + 1) * len(items) // n] for c in range(n)]
     rest = _python_threads(n - 1).map(lambda run: [*map(fn, run)], runs[1:]) if n > 1 else []
-    return [*map(fn, runs[0] if runs else [])] + [r for run in rest for r in run]
+    try:
+        return [*map(fn, runs[0] if runs else [])] + [r for run in rest for r in run]
+    finally:
+        [*rest]                       # on an error here, the other threads finish first
 
 
 def _packed(q, k, v):

@@ -372,14 +372,19 @@ def test_backward_twice_gives_the_same_result(backend):
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
-def test_split_matmul_matches_matmul(dtype):
-    """The blocked matmul of the projections, on shapes that are cut (tall, wide) and not cut."""
+def test_matmuls_match_matmul(dtype):
+    """The projections' threaded products, on shapes that are cut (tall, wide) and not cut, alone
+    and two at once, into a new array or a given one, with and without a row added."""
     rng = np.random.default_rng(11)
     for m, k, n in ((5000, 63, 153), (63, 5000, 64), (3, 3, 3), (0, 8, 4), (8, 0, 4)):
         a, b = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
-        got, = gtx._matmuls(gtx.Product(a, b))
+        add, out = rng.standard_normal(n).astype(dtype), np.full((m, n), np.nan, dtype)
+        want = a.astype(F64) @ b.astype(F64)
+        got, got_add = gtx._matmuls(gtx.Product(a, b), gtx.Product(a, b, out, add))
         assert got.dtype == dtype, f"_matmuls {(m, k, n)}: dtype {got.dtype}, want {dtype}"
-        assert_close(f"_matmuls {(m, k, n)}", got, a.astype(F64) @ b.astype(F64), RTOL[dtype])
+        assert np.shares_memory(got_add, out) or not out.size, f"_matmuls {(m, k, n)}: not in out"
+        assert_close(f"_matmuls {(m, k, n)}", got, want, RTOL[dtype])
+        assert_close(f"_matmuls {(m, k, n)} + add", got_add, want + add, RTOL[dtype])
 
 
 def test_sparse_is_deterministic():
@@ -675,6 +680,23 @@ def test_nonfinite_feature_reaches_in_backward_only_what_naive_reaches(graph):
             assert all(np.isfinite(out[k]).all() for out in outs.values() for k in ("y", "dx", "alpha"))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")   # NaN inputs: expected
+@pytest.mark.parametrize("graph", ["components", "batch", "isolated_nodes"])
+def test_nonfinite_edge_bias_reaches_only_what_naive_reaches(graph):
+    """An inf or NaN edge bias at edge e: in y and dx, the same rows as naive's are non-finite."""
+    g = GRAPHS[graph]()
+    for e in range(0, g.num_edges, max(1, g.num_edges // 6)):
+        x, p, dy, eb = make_inputs(g, seed=25)
+        eb[e, e % eb.shape[1]] = np.nan if e % 2 else np.inf
+        outs = {b: run(b, g, x, p, dy, eb) for b in BACKENDS}
+        for k in ("y", "dx"):
+            want = ~np.isfinite(outs["naive"][k]).reshape(g.num_nodes, -1).any(1)
+            for b, out in outs.items():
+                got = ~np.isfinite(out[k]).reshape(g.num_nodes, -1).any(1)
+                assert np.array_equal(got, want), f"{graph} {b} {k}: non-finite rows " \
+                    f"{np.flatnonzero(got)}, naive's {np.flatnonzero(want)} (bias of edge {e})"
+
+
 def test_property_dense_equals_naive_on_random_graphs_and_blocks():
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
@@ -714,19 +736,23 @@ def test_lifted_backend_with_separate_arrays(backend):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
-@pytest.mark.parametrize("case", ["loose", "far"])
+@pytest.mark.parametrize("case", ["loose", "denormal", "far", "overflow"])
 def test_dense_shift_by_the_bound(case, dtype):
     """Dense shifts each row's scores by |q| max|k| (Cauchy-Schwarz) rather than by their max.
     "loose": q scaled up puts that shift 10 to 24 above the row max, where exp(s - shift) keeps its
-    precision. "far": large, nearly orthogonal q and k put it ~10^3 above, where every exp
-    underflows, so the block must take the row max instead (else o would be 0)."""
+    precision. In head 0, q along e0 and k along e1 put it ~94 above ("denormal": float32 sums are
+    denormal, imprecise but not 0) or ~10^3 ("far": every exp is 0); "overflow": |q|^2 overflows
+    float32 and k is 0, so the shift is inf * 0. Each must make the block take the row max."""
     g = gtx.random_graph(60, avg_degree=9, rng=4)
     q, k, v, _, do = core_inputs(g, H=2, dh=8, seed=27, bias=False)
+    e0, e1 = np.eye(8)[0], np.eye(8)[1]
     if case == "loose":
         q *= 4
+    elif case == "overflow":
+        q[:, 0], k[:, 0] = 2e19 * e0, 0
     else:
-        q[:, 0] = 0.1 * q[:, 0] + [100, 0, 0, 0, 0, 0, 0, 0]        # head 0: q along e0,
-        k[:, 0] = 0.1 * k[:, 0] + [0, 100, 0, 0, 0, 0, 0, 0]        # k along e1
+        scale = 16.3 if case == "denormal" else 100
+        q[:, 0], k[:, 0] = 0.1 * q[:, 0] + scale * e0, 0.1 * k[:, 0] + scale * e1
     ref = attention_core("naive", g, q, k, v, None, do)
     out = attention_core("dense", g, *(a.astype(dtype) for a in (q, k, v)), None, do.astype(dtype))
     for key in ref:
