@@ -465,11 +465,12 @@ def verdicts(recs, cross, n, memory):
     for name in ("causal", "window", "long", "molecules", "powerlaw", "sparse"):
         if name in by:
             versus(name, f"{name} (N={by[name]['N']}, {by[name]['E'] / by[name]['N']:.0f} in-edges/node)")
-    autos = [(total_s(r["rows"]["auto"]) / total_s(r["rows"][fast]), r["name"],
-              r["rows"]["auto"]["picked"] == fast)
-             for r in recs if "times" in r["rows"]["auto"]
-             for fast in [min((b for b in ("dense", "sparse") if "times" in r["rows"][b]),
-                              key=lambda b: total_s(r["rows"][b]))]]
+    autos = []                                  # (auto's time / the faster one's, name, picked it)
+    for r in (r for r in recs if "times" in r["rows"]["auto"]):
+        fast = min((b for b in ("dense", "sparse") if "times" in r["rows"][b]),
+                   key=lambda b: total_s(r["rows"][b]))
+        autos.append((total_s(r["rows"]["auto"]) / total_s(r["rows"][fast]), r["name"],
+                      r["rows"]["auto"]["picked"] == fast))
     if autos:
         worst = max(autos)
         out.append(f"auto: picked the faster backend on {sum(a[2] for a in autos)} of {len(autos)} "
