@@ -387,8 +387,8 @@ def learn_report(runs, seconds):
     lines += [f"  {arm:<21}{m[arm]:6.3f} ({min(r):.3f}-{max(r):.3f})" for arm, r in runs.items()]
     gap = m["complete"] - m["graph"]
     share = lambda arm: f"{(m['complete'] - m[arm]) / gap:.0%}" if gap > 0 else "n/a"
-    lines.append(f"of the gap from complete ({m['complete']:.2f}) to graph ({m['graph']:.2f}), "
-                 f"sinusoidal closes {share('complete+sinusoidal')}, laplacian {share('complete+laplacian')}, "
+    lines.append(f"gap from complete ({m['complete']:.2f}) to graph ({m['graph']:.2f}) closed by "
+                 f"sinusoidal {share('complete+sinusoidal')}, laplacian {share('complete+laplacian')}, "
                  f"edge_bias {share('complete+edge_bias')}")
     return lines
 
@@ -474,7 +474,7 @@ def verdicts(recs, cross, n, memory):
     if autos:
         worst = max(autos)
         out.append(f"auto: picked the faster backend on {sum(a[2] for a in autos)} of {len(autos)} "
-                   f"workloads; its time within {worst[0]:.2f}x of it (worst: {worst[1]})")
+                   f"workloads; worst time {worst[0]:.2f}x the faster ({worst[1]})")
     for name in ("long", "sparse"):
         peaks = {b: memory[name, b]["peak_bytes"] for b in ("dense", "sparse")
                  if "peak_bytes" in memory.get((name, b), {})}
