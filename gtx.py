@@ -22,10 +22,10 @@ import contextlib
 import functools
 import math
 import os
+import platform
 import threading
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
-from functools import cached_property
 
 import numba as nb
 import numpy as np
@@ -69,8 +69,7 @@ class Graph:
         dup = order[1:][key[order[1:]] == key[order[:-1]]]
         if dup.size:
             c = dup.min()
-            raise ValueError(f"edge_index has a duplicate edge (j, i) = ({src[c]}, {dst[c]}) "
-                             f"at column {c}")
+            raise ValueError(f"duplicate edge (j, i) = ({src[c]}, {dst[c]}) at edge_index[:, {c}]")
         self._setup(N, src.size, np.array([0, N]), _indptr(dst, N))
         self.edge_index = _read_only(np.stack([src, dst]))      # (2, E) in input order
         self.perm, self.src = order, src[order]                 # (E,) each, in CSR order
@@ -78,32 +77,27 @@ class Graph:
     def _setup(self, N, E, ptr, indptr, ranges=None, self_loops=True):
         self.num_nodes, self.num_edges, self.ptr, self.indptr = N, int(E), ptr, indptr
         self.ranges, self.self_loops, self._derived = ranges, self_loops, {}
+        return self
 
     @classmethod
     def _structured(cls, lo, hi, self_loops, ptr):
         i = np.arange(lo.size, dtype=np.int64)
         count = hi - lo - (0 if self_loops else (lo <= i) & (i < hi))     # (N,) in-edges
-        g = cls.__new__(cls)
-        g._setup(lo.size, count.sum(), ptr, np.concatenate([[0], np.cumsum(count)]), (lo, hi),
-                 self_loops)
-        return g
+        indptr = np.concatenate([[0], np.cumsum(count)])                   # (N+1,)
+        return cls.__new__(cls)._setup(lo.size, count.sum(), ptr, indptr, (lo, hi), self_loops)
 
-    @cached_property
-    def edge_index(self):
-        """(2, E); for a structured graph built on first use, 16 E bytes."""
+    @functools.cached_property
+    def edge_index(self):           # (2, E); a structured graph's is built on first use, 16 E bytes
         return _read_only(np.stack([self.src, _targets(self)]))
 
-    @cached_property
-    def src(self):
-        """(E,) sources in CSR order; for a structured graph, its ranges laid end to end."""
+    @functools.cached_property
+    def src(self):                  # (E,) in CSR order; a structured graph's ranges laid end to end
         lo, hi = self.ranges
         width = hi - lo                                                 # (N,)
         src = np.arange(width.sum()) - np.repeat(np.cumsum(width) - width - lo, width)
         return src if self.self_loops else src[src != np.repeat(np.arange(self.num_nodes), width)]
 
-    @cached_property
-    def perm(self):
-        return np.arange(self.num_edges)
+    perm = functools.cached_property(lambda self: np.arange(self.num_edges))   # CSR = input order
 
     def derived(self, key, build):      # what a backend derives from the graph, built once
         if key not in self._derived:
@@ -138,12 +132,9 @@ def _to_csr(a, g):                      # (E, ...) from input edge order to CSR 
     return a if a is None or g.ranges is not None else a[g.perm]
 
 
-def _input_order(a, g):
-    """(E, ...) from CSR order back to the graph's input edge order, as a new array."""
-    if g.ranges is not None:                # a structured graph lists its edges in CSR order
-        return a.copy()
+def _input_order(a, g):                 # (E, ...) from CSR order to input edge order, a new array
     out = np.empty_like(a)
-    out[g.perm] = a
+    out[slice(None) if g.ranges is not None else g.perm] = a   # structured: the same order
     return out
 
 
@@ -162,9 +153,8 @@ def causal_graph(n, window=None):
 
 
 def batch_graphs(graphs):
-    """One block-diagonal Graph from a list of graphs, as PyG batches them: node ids offset, edges
-    concatenated in the parts' order, and ptr (B+1,) the node offsets of the parts. Structured
-    graphs with the same self_loops make a structured batch."""
+    """One block-diagonal Graph from a list, as PyG batches: node ids offset, edges concatenated in
+    order, ptr (B+1,) the parts' node offsets. Structured parts (one self_loops) stay structured."""
     graphs = list(graphs)
     if not all(isinstance(g, Graph) for g in graphs):
         raise TypeError("batch_graphs takes a list of Graph")
@@ -174,9 +164,8 @@ def batch_graphs(graphs):
     if all(g.ranges is not None for g in graphs) and len({g.self_loops for g in graphs}) < 2:
         lo, hi = (join([g.ranges[r] + o for g, o in zip(graphs, ptr)]) for r in (0, 1))
         return Graph._structured(lo, hi, all(g.self_loops for g in graphs), ptr)
-    g = Graph.__new__(Graph)
     indptr = join([[0]] + [p.indptr[1:] + e for p, e in zip(graphs, eptr)])
-    g._setup(int(ptr[-1]), eptr[-1], ptr, indptr)
+    g = Graph.__new__(Graph)._setup(int(ptr[-1]), eptr[-1], ptr, indptr)
     g.edge_index = _read_only(np.concatenate([p.edge_index + o for p, o in zip(graphs, ptr)], 1))
     g.src, g.perm = (join([getattr(p, a) + o for p, o in zip(graphs, off)])
                      for a, off in (("src", ptr), ("perm", eptr)))
@@ -199,9 +188,8 @@ def random_graph(n, avg_degree=None, density=None, rng=None):
 # ---------------------------------------------------------------- parameters
 
 def init_params(d_model, n_heads, d_head=None, rng=None, dtype=np.float64):
-    """Wq, Wk, Wv (D, H, dh); bq, bk, bv (H, dh); Wo (H, dh, D); bo (D,). Zero biases and
-    Glorot-uniform weights, with the bound of the stacked (D, 3 H dh) in-projection for Wq, Wk, Wv
-    and of (H dh, D) for Wo."""
+    """Wq, Wk, Wv (D, H, dh); bq, bk, bv (H, dh); Wo (H, dh, D); bo (D,). Zero biases; Glorot-
+    uniform weights, with the bound of the stacked (D, 3 H dh) for Wq, Wk, Wv and (H dh, D) Wo."""
     is_count = lambda n: isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
     if not (is_count(d_model) and is_count(n_heads) and (d_head is None or is_count(d_head))):
         raise ValueError(f"init_params: d_model, n_heads and d_head must be ints >= 1, got "
@@ -236,8 +224,7 @@ def _project(x, p):
 
 
 def _project_backward(dqkv, x, p, grads):
-    """Differentiates _project, given dqkv (N, 3, H, dh): writes dW*, db* into grads and
-    returns dx (N, D)."""
+    """Differentiates _project given dqkv (N, 3, H, dh): dW*, db* into grads; returns dx (N, D)."""
     N, _, H, dh = dqkv.shape
     d = dqkv.reshape(N, 3 * H * dh)
     dW, dx = _matmuls(Product(x.T, d), Product(d, _w_qkv(p).T))       # (D, 3 H dh), (N, D)
@@ -305,12 +292,11 @@ def naive_backward(do, cache, dq, dk, dv):
 
 
 # ---------------------------------------------------------------- dense
-# As a Transformer computes: for each block of target rows, the scores against the source
-# columns the block needs are one matmul, non-edges are set to -inf (only where the block is
-# not full), then the softmax, then P V. Complete, causal, window and batched structured graphs
-# give each block a contiguous range of columns; a general graph, the sources in the block's
-# CSR rows. The backward recomputes each block's probabilities from q, k and the log-sum-exp kept
-# by the forward (as FlashAttention does): nothing of size N^2 is kept. Blocks run in lanes.
+# As a Transformer computes: for each block of target rows, the scores against the source columns
+# the block needs are one matmul, non-edges set to -inf (only where the block is not full), then
+# the softmax, then P V. Structured graphs give a block a contiguous range of columns; a general
+# graph, the sources in its CSR rows. The backward recomputes each block's P from q, k and the
+# forward's log-sum-exp (as FlashAttention does): nothing N^2 is kept. Blocks run in lanes.
 DenseCache = namedtuple("DenseCache", "qh kh vh o lse bias g block_rows bad")
 
 
@@ -319,8 +305,7 @@ class Block(namedtuple("Block", "rows cols ragged mask", defaults=[None, None]))
     of cols where some pair is not an edge, or None; mask (R, ragged): 0 at edges, else -inf."""
     R = property(lambda b: b.rows.stop - b.rows.start)
     C = property(lambda b: b.cols.stop - b.cols.start if isinstance(b.cols, slice) else b.cols.size)
-    sources = property(lambda b: np.arange(b.cols.start, b.cols.stop) if isinstance(b.cols, slice)
-                       else b.cols)
+    sources = property(lambda b: np.r_[b.cols])                         # cols as an array
 
 
 def dense_blocks(g, block_rows=None):
@@ -343,7 +328,7 @@ def dense_blocks(g, block_rows=None):
                 ragged = None if full else slice(0, cols.size)
                 if cols.size and cols[-1] - cols[0] + 1 == cols.size:      # contiguous: a view
                     cols = slice(cols[0], cols[-1] + 1)
-                b = Block(slice(r0, r1), cols, ragged)
+                yield Block(slice(r0, r1), cols, ragged)
             else:
                 lo, hi = g.ranges[0][r0:r1], g.ranges[1][r0:r1]
                 c0, c1, f0, f1 = lo.min(), hi.max(), lo.max(), hi.min()   # [f0, f1): every row's
@@ -351,8 +336,7 @@ def dense_blocks(g, block_rows=None):
                 gaps += [] if g.self_loops else [(max(r0, c0), min(r1, c1))]   # the diagonal
                 gaps = [(a - c0, b - c0) for a, b in gaps if a < b]
                 ragged = slice(min(a for a, _ in gaps), max(b for _, b in gaps)) if gaps else None
-                b = Block(slice(r0, r1), slice(c0, c1), ragged)
-            yield b
+                yield Block(slice(r0, r1), slice(c0, c1), ragged)
     return g.derived(("dense", R), lambda: list(plan()))
 
 
@@ -378,7 +362,6 @@ def dense_bytes(g, n_heads, dtype, edge_bias=False, block_rows=None):
 def _edge_mask(g, b, cols):
     """(R, C) bool: True where row r of block b and source cols[c] are an edge (for a general
     graph, cols holds every source of the block's edges)."""
-    rows = np.arange(b.rows.start, b.rows.stop)[:, None]                # (R, 1)
     if g.ranges is None:
         mask = np.zeros((b.R, cols.size), bool)
         counts = np.diff(g.indptr[b.rows.start:b.rows.stop + 1])        # (R,) in-edges
@@ -386,7 +369,7 @@ def _edge_mask(g, b, cols):
         mask[np.repeat(np.arange(b.R), counts), np.searchsorted(cols, src)] = True
         return mask
     mask = (cols >= g.ranges[0][b.rows, None]) & (cols < g.ranges[1][b.rows, None])
-    return mask if g.self_loops else mask & (cols != rows)
+    return mask if g.self_loops else mask & (cols != np.r_[b.rows][:, None])    # not i -> i
 
 
 def _block_edges(g, b):                 # the CSR range of block b's edges, and their (row, column)
@@ -453,12 +436,13 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
         return c
 
     def lane(blocks):
+        bound = bias is None
         for b, (s, o_b) in _buffers(blocks, q.dtype, lambda R, C: [(H, C, R), (H, R, dh + 1)]):
             s = s.transpose(0, 2, 1)                 # (H, R, C) laid out source-major: _scores
-            c = attend(b, s, o_b, bias is None)
+            c = attend(b, s, o_b, bound)
             edges = np.diff(g.indptr[b.rows.start:b.rows.stop + 1]) > 0               # (R,)
-            if bias is None and not (o_b[..., dh] >= 2.0**-40)[:, edges].all():   # or NaN
-                c = attend(b, s, o_b, False)
+            if bound and not (o_b[..., dh] >= 2.0**-40)[:, edges].all():   # or NaN
+                c, bound = attend(b, s, o_b, False), False    # loose here: the max from now on
             den = o_b[..., dh] + (o_b[..., dh] == 0)   # (H, R), 0 only in rows without edges: 0/1
             np.divide(o_b[..., :dh].transpose(1, 0, 2), den.T[..., None], out=o[b.rows])
             lse[b.rows] = (c + np.log(den)).T          # log of sum exp(s): P = exp(s - lse)
@@ -553,7 +537,7 @@ def _sparse_forward_kernel(qkv, bias, indptr, src, chunks):
         m, den = np.empty(H, qkv.dtype), np.empty(H, qkv.dtype)     # (H,) target's max and sum
         acc = np.empty((H, dh), qkv.dtype)                          # (H, dh) o_i, unnormalised
         for i in range(chunks[c], chunks[c + 1]):
-            m[:] = -np.inf
+            m[:] = np.finfo(qkv.dtype).min  # not -inf: scores all -inf (a masking bias) give 0
             den[:] = 0
             acc[:] = 0
             # pass 1: scores s = <q_i, k_j> / sqrt(dh) + bias, into alpha's buffer
@@ -568,9 +552,6 @@ def _sparse_forward_kernel(qkv, bias, indptr, src, chunks):
                     s = s * scale + (0 if bias is None else bias[e, h])
                     alpha[e, h] = s
                     m[h] = max(m[h], s)
-            for h in range(H):
-                if m[h] == -np.inf:         # every score -inf (a masking bias): weights 0
-                    m[h] = 0
             # pass 2: alpha's buffer holds exp(s - max), max subtracted for stability
             for e in range(indptr[i], indptr[i + 1]):
                 j = src[e]
@@ -654,8 +635,7 @@ def sparse_backward(do, cache, dq, dk, dv):
     ds = (np.empty_like(alpha) if has_bias    # (E, H): returned with a bias, else kept scratch
           else _buffer("sparse ds", alpha.size, alpha.dtype).reshape(alpha.shape))
     _sparse_backward_targets(do, qkv, o, alpha, dqkv, ds, g.indptr, g.src, idx.chunks)
-    _sparse_backward_sources(do, qkv, alpha, ds, dqkv, idx.t_indptr, idx.t_pos, idx.t_dst,
-                             idx.t_chunks)
+    _sparse_backward_sources(do, qkv, alpha, ds, dqkv, *idx[1:])     # over the transposed CSR
     if not np.shares_memory(dqkv, dq):             # _packed made a copy: write it back
         dq[:], dk[:], dv[:] = dqkv[:, 0], dqkv[:, 1], dqkv[:, 2]
     return _input_order(ds, g) if has_bias else None
@@ -741,10 +721,9 @@ def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
             + scale * H * pairs * (c["dense_pair"] + dh * c["dense_mac"]),
             "sparse": c["sparse_call"] + scale * g.num_nodes * c["sparse_node"]
             + scale * H * g.num_edges * (c["sparse_edge"] + dh * c["sparse_mac"])}
-    have = available_bytes()
     for name, need in (("dense", dense_bytes(g, H, dtype, edge_bias)),
                        ("sparse", sparse_bytes(g, H, dtype, edge_bias))):
-        cost[name] = math.inf if need > have else cost[name]
+        cost[name] = math.inf if need > available_bytes() else cost[name]
     return min(cost, key=cost.get), cost
 
 
@@ -807,10 +786,8 @@ def laplacian_pe(g, k, rng=None):
     d = np.divide(1, np.sqrt(deg), out=np.zeros(N), where=deg > 0)     # (N,) D^-1/2, 0 if isolated
     _, U = np.linalg.eigh(np.eye(N) - d[:, None] * A * d[None, :])     # ascending eigenvalues
     U = U[:, 1:k + 1]                                                   # (N, min(k, N-1))
-    if U.size:
-        U = U * np.sign(U[np.abs(U).argmax(0), np.arange(U.shape[1])])
-    if rng is not None:
-        U = U * np.random.default_rng(rng).choice([-1.0, 1.0], U.shape[1])
+    U = U * np.sign(U[np.abs(U).argmax(0), np.arange(U.shape[1])]) if U.size else U
+    U = U if rng is None else U * np.random.default_rng(rng).choice([-1.0, 1.0], U.shape[1])
     return np.pad(U, ((0, 0), (0, k - U.shape[1])))
 
 
@@ -859,6 +836,25 @@ def _prefetch_bytes(a, i, start, stop):                 # bytes start:stop of ro
     for b in range(start, stop, _LINE):
         _prefetch(a, i, b)
     _prefetch(a, i, stop - 1)                           # the last line, when rows are not aligned
+
+
+# While gtx's threads work (the caller's too), x86's MXCSR is 0x9FC0, the default 0x1F80 with FTZ
+# and DAZ: floats below 2^-126 (2^-1022) count as 0. BLAS and numpy's exp take a ~100x slower
+# assist on each, and peaked attention makes many probabilities that small (< 2^-86 of a row sum).
+@intrinsic
+def _swap_mxcsr(typingctx, value):      # x86: value into this thread's MXCSR; -> the old value
+    def codegen(context, builder, sig, args):
+        old, new = (cgutils.alloca_once_value(builder, args[0]) for _ in range(2))
+        fn = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()])
+        for op, slot in (("st", old), ("ld", new)):     # stmxcsr(&old), then ldmxcsr(&new)
+            sse = cgutils.get_or_insert_function(builder.module, fn, f"llvm.x86.sse.{op}mxcsr")
+            builder.call(sse, [builder.bitcast(slot, fn.args[0])])
+        return builder.load(old)
+    return nb.types.uint32(nb.types.uint32), codegen
+
+
+_mxcsr = nb.njit(cache=True)(lambda value: _swap_mxcsr(value))
+_NO_DENORMALS = np.uint32(0x9FC0) if platform.machine() in ("x86_64", "AMD64") else None
 
 
 def _threads():                         # Numba's thread count, which gtx's Python threads follow
@@ -914,9 +910,8 @@ _THREAD = threading.local()
 
 
 def _buffer(key, n, dtype):
-    """n elements of dtype from a buffer this thread keeps per key between calls: temporaries
-    made afresh would pay page faults each call, as glibc hands large freed blocks back to the
-    OS. Valid until the next call with that key in this thread."""
+    """n elements of dtype from a buffer this thread keeps per key, valid until its next call with
+    that key: fresh temporaries pay page faults each call (glibc returns big blocks to the OS)."""
     bufs, nbytes = _THREAD.__dict__.setdefault("bufs", {}), n * np.dtype(dtype).itemsize
     if key not in bufs or bufs[key].size < nbytes:
         bufs[key] = np.empty(nbytes, np.uint8)
@@ -924,9 +919,8 @@ def _buffer(key, n, dtype):
 
 
 def _heads_first(arrays, scales):
-    """For each (N, H, dh) a: a * scale as (H, N, dh + 1) with a last column of ones, its (H, N)
-    norms and whether it is finite; an array per thread. The dense blocks' matmuls then read each
-    head's rows contiguously, and the ones sum or subtract in them."""
+    """Each (N, H, dh) a times scale as (H, N, dh + 1), last column ones, its (H, N) norms, whether
+    finite; a thread each. Blocks' matmuls read a head's rows in a run; the ones sum or subtract."""
     def copy(a, scale):
         out = np.empty((a.shape[1], a.shape[0], a.shape[2] + 1), a.dtype)
         np.multiply(a.transpose(1, 0, 2), scale, out=out[..., :-1])
@@ -958,9 +952,16 @@ def _map_threads(fn, items):
     of items: a task costs tens of microseconds to hand to a thread."""
     n, items = min(_threads(), len(items)), list(items)
     runs = [items[c * len(items) // n:(c + 1) * len(items) // n] for c in range(n)]
-    rest = _python_threads(n - 1).map(lambda run: [*map(fn, run)], runs[1:]) if n > 1 else []
+
+    def each(run):                      # denormals as zero meanwhile, on x86 (see _swap_mxcsr)
+        old = None if _NO_DENORMALS is None else _mxcsr(_NO_DENORMALS)
+        try:
+            return [*map(fn, run)]
+        finally:
+            old is None or _mxcsr(np.uint32(old))
+    rest = _python_threads(n - 1).map(each, runs[1:]) if n > 1 else []
     try:
-        return [*map(fn, runs[0] if runs else [])] + [r for run in rest for r in run]
+        return each(runs[0] if runs else []) + [r for run in rest for r in run]
     finally:
         [*rest]                       # on an error here, the other threads finish first
 
@@ -981,9 +982,8 @@ Product = namedtuple("Product", "a b out add", defaults=[None, None])  # a @ b (
 
 
 def _matmuls(*products, min_work=2**22):
-    """[a @ b (+ add, an (n,) row) for each Product], all at once on Python threads: the longer
-    side of each (M, n) result is cut into the product's share of the threads (fewer blocks for
-    small products), so each element is one BLAS call's sum, whatever the thread count."""
+    """[a @ b (+ add, an (n,) row) for each Product], at once on Python threads: each (M, n) result
+    cut along its longer side, so each element is one BLAS call's sum, whatever the thread count."""
     outs, blocks = [], []
     for a, b, out, add in products:
         (M, K), n = a.shape, b.shape[1]

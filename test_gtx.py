@@ -8,6 +8,7 @@ Then: attention-weight invariants, stability, bad input, positional encodings,
 per-edge bias, a small training run, and the benchmark smoke test.
 """
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -740,8 +741,8 @@ def test_lifted_backend_with_separate_arrays(backend):
 def test_dense_shift_by_the_bound(case, dtype):
     """Dense shifts each row's scores by |q| max|k| (Cauchy-Schwarz) rather than by their max.
     "loose": q scaled up puts that shift 10 to 24 above the row max, where exp(s - shift) keeps its
-    precision. In head 0, q along e0 and k along e1 put it ~94 above ("denormal": float32 sums are
-    denormal, imprecise but not 0) or ~10^3 ("far": every exp is 0); "overflow": |q|^2 overflows
+    precision. In head 0, q along e0 and k along e1 put it ~94 above ("denormal": float32 sums would
+    be denormal, which gtx's threads count as 0) or ~10^3 ("far": every exp is 0); "overflow": |q|^2 overflows
     float32 and k is 0, so the shift is inf * 0. Each must make the block take the row max."""
     g = gtx.random_graph(60, avg_degree=9, rng=4)
     q, k, v, _, do = core_inputs(g, H=2, dh=8, seed=27, bias=False)
@@ -758,6 +759,39 @@ def test_dense_shift_by_the_bound(case, dtype):
     for key in ref:
         assert_close(f"dense ({case}, {dtype.__name__}) {key}", out[key], ref[key], RTOL[dtype],
                      ATOL[dtype])
+
+
+@pytest.mark.parametrize("scale", [5, 8])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_sharply_peaked_attention_agrees(scale, dtype):
+    """q, k scaled up: scores with a std of about 25 and 64 put many exp(s - shift) below float32's
+    smallest normal number, which gtx's threads flush to 0 (_swap_mxcsr). Weights and gradients
+    still agree with naive, which keeps them, in every backend, on a complete and a random graph."""
+    for g in (gtx.complete_graph(40), gtx.random_graph(60, avg_degree=12, rng=5)):
+        q, k, v, _, do = core_inputs(g, H=2, dh=8, seed=31, bias=False)
+        q, k = scale * q, scale * k
+        ref = attention_core("naive", g, q, k, v, None, do)
+        assert (ref["alpha"] < 2.0**-126).mean() > 0.05, "the case must make tiny weights"
+        for backend in ("dense", "sparse"):
+            out = attention_core(backend, g, *(a.astype(dtype) for a in (q, k, v)), None, do.astype(dtype))
+            for key in ref:     # float32 rounds scores of size ~scale^2 * 3: the tolerance grows with it
+                assert_close(f"{backend} (scale {scale}, {dtype.__name__}, N={g.num_nodes}) {key}", out[key],
+                             ref[key], RTOL[dtype] * (scale**2 if dtype == F32 else 1), ATOL[dtype] * scale**2)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="MXCSR is x86's")
+def test_denormals_are_zero_in_gtx_threads_only():
+    """BLAS and exp take ~100x longer on each denormal float, which sharply peaked attention makes.
+    gtx's threads count them as 0 while they work; the caller's thread gets its own mode back."""
+    tiny = lambda _: np.exp(np.full(16, -100, F32))                   # e^-100: a float32 denormal
+    assert (tiny(0) > 0).all(), "this thread keeps denormals before gtx runs"
+    assert all((t == 0).all() for t in gtx._map_threads(tiny, range(4))), "gtx's threads flush them"
+    g = gtx.complete_graph(64)
+    x, p, dy, _ = make_inputs(g, bias=False, dtype=F32)
+    gtx.backward(dy, gtx.forward(x, g, p, backend="dense")[1])
+    with pytest.raises(ZeroDivisionError):
+        gtx._map_threads(lambda i: 1 // (i - 1), range(3))              # a run that raises
+    assert (tiny(0) > 0).all(), "the caller's thread keeps denormals after gtx runs, or raises"
 
 
 # ---------------------------------------------------------------- choosing a backend, limits, side effects
