@@ -209,6 +209,28 @@ def measure_workload(name, spec, D, H, dh, cfg, dtype, print_row):
     return rec
 
 
+def measure_peaked(rec, dtype, repeats, scale=4.0):
+    """Dense on sharply peaked attention (Wq and Wk scaled, as a trained model's can be), as gtx
+    runs it, with denormal floats counted as 0 in its threads (x86), and with that switched off:
+    median seconds of each, or None where gtx does not flush (not x86)."""
+    flush = gtx._NO_DENORMALS
+    if flush is None:
+        return None
+    g = build_graph(rec["graph"])
+    x, params, dy = make_inputs(g, rec["D"], rec["H"], rec["dh"], dtype)
+    params = dict(params, Wq=scale * params["Wq"], Wk=scale * params["Wk"])
+    out = dict(scale=scale)
+    for mode in ("flushed", "kept"):
+        gtx._NO_DENORMALS = flush if mode == "flushed" else None
+        try:
+            run_once("dense", g, x, params, dy)
+            out[mode] = float(np.median(time_runs("dense", g, x, params, dy, repeats)["total"]))
+        finally:
+            gtx._NO_DENORMALS = flush
+        progress(f"peaked: dense, denormals {mode}, {out[mode] * 1e3:.1f} ms")
+    return out
+
+
 def child_memory(task):
     """Fresh process: peak RSS growth over one forward plus backward, after a tiny warm-up."""
     dtype = np.dtype(task["dtype"]).type
@@ -576,6 +598,8 @@ def main():
         print(HEADER)
         for name, spec, D, H, dh in cfg["workloads"]:
             recs.append(measure_workload(name, spec, D, H, dh, cfg, dtype, print_row))
+        peaked = next((measure_peaked(r, dtype, cfg["repeats"]) for r in recs if r["name"] == "transformer"
+                       and "times" in r["rows"]["dense"]), None)
         n, (D, H, dh) = cfg["n"], cfg["sweep_dims"]
         print(f"-- density sweep at N={n}, D/H/dh {D}/{H}/{dh}")
         for d in cfg["densities"]:
@@ -596,7 +620,10 @@ def main():
             print(f"  {r['name']:<12} {b:<7}{peak}   (gtx.{b}_bytes: {need / MiB:,.0f} MiB beyond "
                   f"the (N, H, dh) arrays)", flush=True)
         lines += verdicts(recs, cross, n, memory)
-        result.update(compile=compile_, workloads=recs, sweep=sweep, crossover=cross,
+        if peaked:
+            lines.append(f"peaked attention (transformer, Wq and Wk x{peaked['scale']:g}): dense "
+                         f"{fmt_ms(peaked['flushed'])} ms; {fmt_ms(peaked['kept'])} ms if denormals were kept")
+        result.update(compile=compile_, workloads=recs, sweep=sweep, crossover=cross, peaked=peaked,
                       memory={f"{k[0]} {k[1]}": v for k, v in memory.items()})
         if args.plot or not args.quick:
             plot(args.plot or "bench-latest.png", recs, sweep, cross, n)
