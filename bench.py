@@ -212,22 +212,23 @@ def measure_workload(name, spec, D, H, dh, cfg, dtype, print_row):
 def measure_peaked(rec, dtype, repeats, scale=4.0):
     """Dense on sharply peaked attention (Wq and Wk scaled, as a trained model's can be), as gtx
     runs it, with denormal floats counted as 0 in its threads (x86), and with that switched off:
-    median seconds of each, or None where gtx does not flush (not x86)."""
+    median seconds of each and their outputs' relative difference, or None where gtx does not flush."""
     flush = gtx._NO_DENORMALS
     if flush is None:
         return None
     g = build_graph(rec["graph"])
     x, params, dy = make_inputs(g, rec["D"], rec["H"], rec["dh"], dtype)
     params = dict(params, Wq=scale * params["Wq"], Wk=scale * params["Wk"])
-    out = dict(scale=scale)
+    out, outputs = dict(scale=scale), {}
     for mode in ("flushed", "kept"):
         gtx._NO_DENORMALS = flush if mode == "flushed" else None
         try:
-            run_once("dense", g, x, params, dy)
+            outputs[mode] = run_once("dense", g, x, params, dy)[0]
             out[mode] = float(np.median(time_runs("dense", g, x, params, dy, repeats)["total"]))
         finally:
             gtx._NO_DENORMALS = flush
         progress(f"peaked: dense, denormals {mode}, {out[mode] * 1e3:.1f} ms")
+    out["err"] = rel_err(outputs["flushed"], outputs["kept"])
     return out
 
 
@@ -584,7 +585,7 @@ def main():
     print(f"gtx bench{' --quick' if args.quick else ''}: {machine['cpu']}, {machine['cores']} cores, "
           f"{machine['memory_gib']} GiB; {threads} threads; {args.dtype}\npython {machine['python']}, "
           f"numpy {machine['numpy']} ({', '.join(machine['blas'])}), numba {machine['numba']}")
-    result, recs, sweep, lines = dict(machine=machine, config=cfg), [], [], []
+    result, recs, sweep, lines, peaked = dict(machine=machine, config=cfg), [], [], [], None
     ticks = cpu_ticks()
     if args.only != "learn":
         compile_ = None if args.quick else measure_compile(args.dtype, threads)
@@ -642,6 +643,7 @@ def main():
           + ("\nWARNING: timings may be disturbed; rerun on a quiet machine" if others > 0.05 else ""))
     mismatch = [f"{r['name']}/{b}" for r in recs + sweep for b, row in r["rows"].items()
                 if row.get("check") and row["check"]["err"] > TOL[args.dtype]]
+    mismatch += ["peaked (denormals flushed vs kept)"] if peaked and peaked["err"] > TOL[args.dtype] else []
     if mismatch:
         print("!! BACKENDS DISAGREE on: " + ", ".join(mismatch))
     if args.json:

@@ -154,7 +154,7 @@ def causal_graph(n, window=None):
 
 def batch_graphs(graphs):
     """One block-diagonal Graph from a list, as PyG batches: node ids offset, edges concatenated in
-    order, ptr (B+1,) the parts' node offsets. Structured parts (one self_loops) stay structured."""
+    order, ptr (B+1,) the parts' node offsets. Structured parts alike in self-loops stay so."""
     graphs = list(graphs)
     if not all(isinstance(g, Graph) for g in graphs):
         raise TypeError("batch_graphs takes a list of Graph")
@@ -188,8 +188,8 @@ def random_graph(n, avg_degree=None, density=None, rng=None):
 # ---------------------------------------------------------------- parameters
 
 def init_params(d_model, n_heads, d_head=None, rng=None, dtype=np.float64):
-    """Wq, Wk, Wv (D, H, dh); bq, bk, bv (H, dh); Wo (H, dh, D); bo (D,). Zero biases; Glorot-
-    uniform weights, with the bound of the stacked (D, 3 H dh) for Wq, Wk, Wv and (H dh, D) Wo."""
+    """Wq, Wk, Wv (D, H, dh); bq, bk, bv (H, dh); Wo (H, dh, D); bo (D,). Zero biases, and weights
+    uniform in Glorot's bound: of the stacked (D, 3 H dh) for Wq, Wk, Wv, of (H dh, D) for Wo."""
     is_count = lambda n: isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
     if not (is_count(d_model) and is_count(n_heads) and (d_head is None or is_count(d_head))):
         raise ValueError(f"init_params: d_model, n_heads and d_head must be ints >= 1, got "
@@ -436,13 +436,12 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
         return c
 
     def lane(blocks):
-        bound = bias is None
         for b, (s, o_b) in _buffers(blocks, q.dtype, lambda R, C: [(H, C, R), (H, R, dh + 1)]):
             s = s.transpose(0, 2, 1)                 # (H, R, C) laid out source-major: _scores
-            c = attend(b, s, o_b, bound)
+            c = attend(b, s, o_b, bias is None)
             edges = np.diff(g.indptr[b.rows.start:b.rows.stop + 1]) > 0               # (R,)
-            if bound and not (o_b[..., dh] >= 2.0**-40)[:, edges].all():   # or NaN
-                c, bound = attend(b, s, o_b, False), False    # loose here: the max from now on
+            if bias is None and not (o_b[..., dh] >= 2.0**-40)[:, edges].all():   # or NaN
+                c = attend(b, s, o_b, False)
             den = o_b[..., dh] + (o_b[..., dh] == 0)   # (H, R), 0 only in rows without edges: 0/1
             np.divide(o_b[..., :dh].transpose(1, 0, 2), den.T[..., None], out=o[b.rows])
             lse[b.rows] = (c + np.log(den)).T          # log of sum exp(s): P = exp(s - lse)
@@ -496,10 +495,12 @@ def dense_backward(do, cache, dq, dk, dv):
 def dense_alpha(cache):
     qh, kh, vh, o, lse, bias, g, block_rows, bad = cache
     alpha = np.empty((g.num_edges, len(qh)), qh.dtype)                  # (E, H) CSR order
-    for b, (s,) in _buffers(_masked(g, block_rows), qh.dtype, lambda R, C: [(len(qh), C, R)]):
-        p = np.exp(_scores(qh, kh, bias, g, b, s.transpose(0, 2, 1)))  # P = exp(s - lse)
-        e, r, c = _block_edges(g, b)                       # P at edges only: no 0 * NaN
-        alpha[e] = p[:, r, c].T
+    def lane(blocks):                   # as the forward's lanes, on its threads
+        for b, (s,) in _buffers(blocks, qh.dtype, lambda R, C: [(len(qh), C, R)]):
+            p = np.exp(_scores(qh, kh, bias, g, b, s.transpose(0, 2, 1)))  # P = exp(s - lse)
+            e, r, c = _block_edges(g, b)                       # P at edges only: no 0 * NaN
+            alpha[e] = p[:, r, c].T
+    _map_threads(lane, _lanes(_masked(g, block_rows)))
     return _input_order(alpha, g)
 
 
@@ -838,9 +839,8 @@ def _prefetch_bytes(a, i, start, stop):                 # bytes start:stop of ro
     _prefetch(a, i, stop - 1)                           # the last line, when rows are not aligned
 
 
-# While gtx's threads work (the caller's too), x86's MXCSR is 0x9FC0, the default 0x1F80 with FTZ
-# and DAZ: floats below 2^-126 (2^-1022) count as 0. BLAS and numpy's exp take a ~100x slower
-# assist on each, and peaked attention makes many probabilities that small (< 2^-86 of a row sum).
+# While gtx's threads work, x86's MXCSR is 0x9FC0 (its default 0x1F80 | FTZ | DAZ): denormal floats
+# count as 0. BLAS and numpy's exp slow down ~100x on each, and peaked attention makes many.
 @intrinsic
 def _swap_mxcsr(typingctx, value):      # x86: value into this thread's MXCSR; -> the old value
     def codegen(context, builder, sig, args):
@@ -854,7 +854,7 @@ def _swap_mxcsr(typingctx, value):      # x86: value into this thread's MXCSR; -
 
 
 _mxcsr = nb.njit(cache=True)(lambda value: _swap_mxcsr(value))
-_NO_DENORMALS = np.uint32(0x9FC0) if platform.machine() in ("x86_64", "AMD64") else None
+_NO_DENORMALS = np.uint32(0x9FC0) if platform.machine().lower() in ("x86_64", "amd64") else None
 
 
 def _threads():                         # Numba's thread count, which gtx's Python threads follow
@@ -919,8 +919,8 @@ def _buffer(key, n, dtype):
 
 
 def _heads_first(arrays, scales):
-    """Each (N, H, dh) a times scale as (H, N, dh + 1), last column ones, its (H, N) norms, whether
-    finite; a thread each. Blocks' matmuls read a head's rows in a run; the ones sum or subtract."""
+    """For each (N, H, dh) a, on a thread each: a * scale as (H, N, dh + 1) with ones last (blocks'
+    matmuls read a head's rows in a run; the ones sum or subtract), (H, N) norms, all finite?"""
     def copy(a, scale):
         out = np.empty((a.shape[1], a.shape[0], a.shape[2] + 1), a.dtype)
         np.multiply(a.transpose(1, 0, 2), scale, out=out[..., :-1])
@@ -948,12 +948,12 @@ def _lanes(blocks):
 
 
 def _map_threads(fn, items):
-    """list(map(fn, items)) on as many threads as Numba has, this one included, each taking a run
-    of items: a task costs tens of microseconds to hand to a thread."""
+    """list(map(fn, items)) on Numba's count of threads, this one too, a run of items each (not a
+    task each: one costs tens of microseconds to hand to a thread), with denormals as zero."""
     n, items = min(_threads(), len(items)), list(items)
     runs = [items[c * len(items) // n:(c + 1) * len(items) // n] for c in range(n)]
 
-    def each(run):                      # denormals as zero meanwhile, on x86 (see _swap_mxcsr)
+    def each(run):                      # on x86: see _swap_mxcsr
         old = None if _NO_DENORMALS is None else _mxcsr(_NO_DENORMALS)
         try:
             return [*map(fn, run)]
