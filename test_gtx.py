@@ -8,7 +8,6 @@ Then: attention-weight invariants, stability, bad input, positional encodings,
 per-edge bias, a small training run, and the benchmark smoke test.
 """
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -742,8 +741,9 @@ def test_dense_shift_by_the_bound(case, dtype):
     """Dense shifts each row's scores by |q| max|k| (Cauchy-Schwarz) rather than by their max.
     "loose": q scaled up puts that shift 10 to 24 above the row max, where exp(s - shift) keeps its
     precision. In head 0, q along e0 and k along e1 put it ~94 above ("denormal": float32 sums would
-    be denormal, which gtx's threads count as 0) or ~10^3 ("far": every exp is 0); "overflow": |q|^2 overflows
-    float32 and k is 0, so the shift is inf * 0. Each must make the block take the row max."""
+    be denormal, which gtx's threads count as 0) or ~10^3 ("far": every exp is 0); "overflow":
+    |q|^2 overflows float32 and k is 0, so the shift is inf * 0. Each must make the block take the
+    row max."""
     g = gtx.random_graph(60, avg_degree=9, rng=4)
     q, k, v, _, do = core_inputs(g, H=2, dh=8, seed=27, bias=False)
     e0, e1 = np.eye(8)[0], np.eye(8)[1]
@@ -779,7 +779,7 @@ def test_sharply_peaked_attention_agrees(scale, dtype):
                              out[key], ref[key], RTOL[dtype], ATOL[dtype])
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="MXCSR is x86's")
+@pytest.mark.skipif(gtx._NO_DENORMALS is None, reason="gtx flushes denormals on x86 only (MXCSR)")
 def test_denormals_are_zero_in_gtx_threads_only():
     """BLAS and exp take ~100x longer on each denormal float, which sharply peaked attention makes.
     gtx's threads count them as 0 while they work; the caller's thread gets its own mode back."""
