@@ -548,8 +548,7 @@ def describe_machine(threads):
     blas = [f"{i['internal_api']} {i.get('version')}" for i in threadpool_info() if i["user_api"] == "blas"]
     return dict(cpu=cpu, cores=os.cpu_count(), memory_gib=round(psutil.virtual_memory().total / 2**30),
                 python=platform.python_version(), numpy=np.__version__, numba=numba.__version__,
-                blas=blas, threads=threads, platform=platform.platform(),
-                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"))
+                blas=blas, threads=threads, platform=platform.platform())
 
 
 # ---------------------------------------------------------------- main
@@ -563,15 +562,11 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny shapes: runs in seconds")
     ap.add_argument("--only", choices=("lottery", "learn"), help="run one part only")
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    ap.add_argument("--threads", type=int, help="threads for Numba and gtx's Python threads")
+    ap.add_argument("--threads", type=int, help="gtx's threads (numba.set_num_threads)")
     ap.add_argument("--json", metavar="PATH", help="write every figure and the machine description")
     ap.add_argument("--plot", metavar="PATH", help="where the plot goes (default: bench-latest.png)")
     ap.add_argument("--child", help=argparse.SUPPRESS)   # internal: the fresh process of run_child
     args = ap.parse_args()
-    # Numba's OpenMP threads sleep as soon as a kernel ends, instead of spinning on the cores the
-    # next step needs. gtx sets this only while Numba starts its threads; bench.py starts them
-    # itself (numba.set_num_threads), before gtx would, so it sets it for its own processes.
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     if args.child:
         task = json.loads(args.child)
         print(json.dumps((child_compile if task["task"] == "compile" else child_memory)(task)))

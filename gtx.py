@@ -505,12 +505,13 @@ def dense_alpha(cache):
 
 
 # ---------------------------------------------------------------- sparse
-# Numba kernels over the target CSR. prange runs over chunks of targets, which are independent;
-# key and value gradients land on sources, so a second pass over the transposed CSR makes them
-# instead of racing. One thread sums each node in a fixed order: the same bits for any thread
-# count. Each kernel asks for the rows of the edge _AHEAD on (see _prefetch at the end).
+# Numba kernels over the target CSR, compiled nogil and run on gtx's Python threads, a range of
+# targets each (targets are independent). Key and value gradients land on sources, so a second
+# pass over the transposed CSR makes them instead of racing. One thread sums each node in a fixed
+# order: the same bits for any thread count. No OpenMP: GNU OpenMP kills a forked child that uses
+# it. Each kernel asks for the rows of the edge _AHEAD on (see _prefetch at the end).
 SparseCache = namedtuple("SparseCache", "qkv o alpha g has_bias")
-SparseIndex = namedtuple("SparseIndex", "chunks t_indptr t_pos t_dst t_chunks")
+SparseIndex = namedtuple("SparseIndex", "t_indptr t_pos t_dst")
 
 
 def sparse_bytes(g, n_heads, dtype, edge_bias=False):
@@ -520,123 +521,126 @@ def sparse_bytes(g, n_heads, dtype, edge_bias=False):
 
 
 def _sparse_index(g):
-    """Chunks of targets of equal work, and the CSR by source: out-edges of j as CSR positions."""
+    """The CSR by source: out-edges of j as positions in the target CSR, built once per graph."""
     def build():
         t_pos = np.argsort(g.src, kind="stable")                        # (E,)
-        t_indptr = _indptr(g.src, g.num_nodes)
-        return SparseIndex(_balanced_chunks(g.indptr), t_indptr, t_pos, _targets(g)[t_pos],
-                           _balanced_chunks(t_indptr))
+        return SparseIndex(_indptr(g.src, g.num_nodes), t_pos, _targets(g)[t_pos])
     return g.derived("sparse", build)
 
 
-@nb.njit(parallel=True, cache=True, fastmath=_REASSOC)
-def _sparse_forward_kernel(qkv, bias, indptr, src, chunks):
+@nb.njit(nogil=True, cache=True, fastmath=_REASSOC)
+def _sparse_forward_kernel(qkv, bias, indptr, src, i0, i1, o, alpha):
+    """o[i0:i1] and the alpha of their in-edges."""
     N, _, H, dh = qkv.shape
     scale = qkv.dtype.type(1 / np.sqrt(dh))
-    alpha, o = np.empty((src.size, H), qkv.dtype), np.empty((N, H, dh), qkv.dtype)
-    for c in nb.prange(chunks.size - 1):
-        m, den = np.empty(H, qkv.dtype), np.empty(H, qkv.dtype)     # (H,) target's max and sum
-        acc = np.empty((H, dh), qkv.dtype)                          # (H, dh) o_i, unnormalised
-        for i in range(chunks[c], chunks[c + 1]):
-            m[:] = np.finfo(qkv.dtype).min  # not -inf: scores all -inf (a masking bias) give 0
-            den[:] = 0
-            acc[:] = 0
-            # pass 1: scores s = <q_i, k_j> / sqrt(dh) + bias, into alpha's buffer
-            for e in range(indptr[i], indptr[i + 1]):
-                if e + _AHEAD < src.size:
-                    _prefetch_bytes(qkv, src[e + _AHEAD], qkv[0, 0].nbytes, qkv[0].nbytes)
-                j = src[e]
-                for h in range(H):
-                    s = qkv.dtype.type(0)
-                    for d in range(dh):
-                        s += qkv[i, 0, h, d] * qkv[j, 1, h, d]
-                    s = s * scale + (0 if bias is None else bias[e, h])
-                    alpha[e, h] = s
-                    m[h] = max(m[h], s)
-            # pass 2: alpha's buffer holds exp(s - max), max subtracted for stability
-            for e in range(indptr[i], indptr[i + 1]):
-                j = src[e]
-                for h in range(H):
-                    p = np.exp(alpha[e, h] - m[h])
-                    alpha[e, h] = p
-                    den[h] += p
-                    for d in range(dh):
-                        acc[h, d] += p * qkv[j, 2, h, d]
-            # pass 3: normalise once: alpha = exp / den, o_i = acc / den (no in-edges: 0 / 1)
+    m, den = np.empty(H, qkv.dtype), np.empty(H, qkv.dtype)         # (H,) target's max and sum
+    acc = np.empty((H, dh), qkv.dtype)                              # (H, dh) o_i, unnormalised
+    for i in range(i0, i1):
+        m[:] = np.finfo(qkv.dtype).min      # not -inf: scores all -inf (a masking bias) give 0
+        den[:] = 0
+        acc[:] = 0
+        # pass 1: scores s = <q_i, k_j> / sqrt(dh) + bias, into alpha's buffer
+        for e in range(indptr[i], indptr[i + 1]):
+            if e + _AHEAD < src.size:
+                _prefetch_bytes(qkv, src[e + _AHEAD], qkv[0, 0].nbytes, qkv[0].nbytes)
+            j = src[e]
             for h in range(H):
-                den[h] = max(den[h], 1)
-                for e in range(indptr[i], indptr[i + 1]):
-                    alpha[e, h] /= den[h]
+                s = qkv.dtype.type(0)
                 for d in range(dh):
-                    o[i, h, d] = acc[h, d] / den[h]
-    return o, alpha
+                    s += qkv[i, 0, h, d] * qkv[j, 1, h, d]
+                s = s * scale + (0 if bias is None else bias[e, h])
+                alpha[e, h] = s
+                m[h] = max(m[h], s)
+        # pass 2: alpha's buffer holds exp(s - max), max subtracted for stability
+        for e in range(indptr[i], indptr[i + 1]):
+            j = src[e]
+            for h in range(H):
+                p = np.exp(alpha[e, h] - m[h])
+                alpha[e, h] = p
+                den[h] += p
+                for d in range(dh):
+                    acc[h, d] += p * qkv[j, 2, h, d]
+        # pass 3: normalise once: alpha = exp / den, o_i = acc / den (no in-edges: 0 / 1)
+        for h in range(H):
+            den[h] = max(den[h], 1)
+            for e in range(indptr[i], indptr[i + 1]):
+                alpha[e, h] /= den[h]
+            for d in range(dh):
+                o[i, h, d] = acc[h, d] / den[h]
 
 
 def sparse_forward(q, k, v, bias, g):
-    _check_memory(sparse_bytes(g, q.shape[1], q.dtype, bias is not None),
+    N, H, dh = q.shape
+    _check_memory(sparse_bytes(g, H, q.dtype, bias is not None),
                   f"sparse backend ({g.num_edges:,} edges)")
-    _start_numba_threads()
-    qkv, idx = _packed(q, k, v), _sparse_index(g)                      # (N, 3, H, dh)
-    o, alpha = _sparse_forward_kernel(qkv, _to_csr(bias, g), g.indptr, g.src, idx.chunks)
+    qkv, bias = _packed(q, k, v), _to_csr(bias, g)                     # (N, 3, H, dh)
+    o, alpha = np.empty((N, H, dh), q.dtype), np.empty((g.num_edges, H), q.dtype)
+
+    def targets(nodes):
+        _sparse_forward_kernel(qkv, bias, g.indptr, g.src, *nodes, o, alpha)
+    _map_threads(targets, _node_ranges(g))
     return o, SparseCache(qkv, o, alpha, g, bias is not None)  # alpha (E, H) kept for the backward
 
 
-@nb.njit(parallel=True, cache=True, fastmath=_REASSOC)
-def _sparse_backward_targets(do, qkv, o, alpha, dqkv, ds, indptr, src, chunks):
-    """ds (E, H), and dq into dqkv[:, 0]: every write lands on a target row this thread owns."""
+@nb.njit(nogil=True, cache=True, fastmath=_REASSOC)
+def _sparse_backward_targets(do, qkv, o, alpha, dqkv, ds, indptr, src, i0, i1):
+    """ds (E, H), and dq into dqkv[:, 0], for targets i0:i1: every write lands on their rows."""
     N, _, H, dh = qkv.shape
     scale = qkv.dtype.type(1 / np.sqrt(dh))
-    for c in nb.prange(chunks.size - 1):
-        for i in range(chunks[c], chunks[c + 1]):
-            for h in range(H):
-                dot = qkv.dtype.type(0)                 # sum_e alpha_e dalpha_e = <do_i, o_i>
+    for i in range(i0, i1):
+        for h in range(H):
+            dot = qkv.dtype.type(0)                 # sum_e alpha_e dalpha_e = <do_i, o_i>
+            for d in range(dh):
+                dot += do[i, h, d] * o[i, h, d]
+                dqkv[i, 0, h, d] = 0
+            for e in range(indptr[i], indptr[i + 1]):
+                if h == 0 and e + _AHEAD < src.size:        # once per edge: h is the outer loop
+                    _prefetch_bytes(qkv, src[e + _AHEAD], qkv[0, 0].nbytes, qkv[0].nbytes)
+                # backward of o_i = sum_e alpha_e v_j: dalpha_e = <do_i, v_j>
+                j, da = src[e], qkv.dtype.type(0)
                 for d in range(dh):
-                    dot += do[i, h, d] * o[i, h, d]
-                    dqkv[i, 0, h, d] = 0
-                for e in range(indptr[i], indptr[i + 1]):
-                    if h == 0 and e + _AHEAD < src.size:        # once per edge: h is the outer loop
-                        _prefetch_bytes(qkv, src[e + _AHEAD], qkv[0, 0].nbytes, qkv[0].nbytes)
-                    # backward of o_i = sum_e alpha_e v_j: dalpha_e = <do_i, v_j>
-                    j, da = src[e], qkv.dtype.type(0)
-                    for d in range(dh):
-                        da += do[i, h, d] * qkv[j, 2, h, d]
-                    # backward of the softmax, then of s = <q_i, k_j> / sqrt(dh) + bias
-                    ds[e, h] = alpha[e, h] * (da - dot)
-                    for d in range(dh):
-                        dqkv[i, 0, h, d] += ds[e, h] * scale * qkv[j, 1, h, d]
+                    da += do[i, h, d] * qkv[j, 2, h, d]
+                # backward of the softmax, then of s = <q_i, k_j> / sqrt(dh) + bias
+                ds[e, h] = alpha[e, h] * (da - dot)
+                for d in range(dh):
+                    dqkv[i, 0, h, d] += ds[e, h] * scale * qkv[j, 1, h, d]
 
 
-@nb.njit(parallel=True, cache=True, fastmath=_REASSOC)
-def _sparse_backward_sources(do, qkv, alpha, ds, dqkv, t_indptr, t_pos, t_dst, t_chunks):
-    """dk and dv into dqkv[:, 1:], over the transposed CSR: every write lands on source row j."""
+@nb.njit(nogil=True, cache=True, fastmath=_REASSOC)
+def _sparse_backward_sources(do, qkv, alpha, ds, dqkv, t_indptr, t_pos, t_dst, j0, j1):
+    """dk and dv into dqkv[:, 1:] for sources j0:j1, over the transposed CSR: writes land on j."""
     N, _, H, dh = qkv.shape
     scale = qkv.dtype.type(1 / np.sqrt(dh))
-    for c in nb.prange(t_chunks.size - 1):
-        for j in range(t_chunks[c], t_chunks[c + 1]):
-            dqkv[j, 1:] = 0
-            for t in range(t_indptr[j], t_indptr[j + 1]):
-                if t + _AHEAD < t_pos.size:             # q, do, alpha and ds of an edge soon needed
-                    i_next, e_next = t_dst[t + _AHEAD], t_pos[t + _AHEAD]
-                    _prefetch_bytes(qkv, i_next, 0, qkv[0, 0].nbytes)
-                    _prefetch_bytes(do, i_next, 0, do[0].nbytes)
-                    _prefetch(alpha, e_next, 0)
-                    _prefetch(ds, e_next, 0)
-                e, i = t_pos[t], t_dst[t]               # e: the edge's position in the target CSR
-                for h in range(H):
-                    dk_scale, dv_scale = ds[e, h] * scale, alpha[e, h]
-                    for d in range(dh):
-                        dqkv[j, 1, h, d] += dk_scale * qkv[i, 0, h, d]
-                        dqkv[j, 2, h, d] += dv_scale * do[i, h, d]
+    for j in range(j0, j1):
+        dqkv[j, 1:] = 0
+        for t in range(t_indptr[j], t_indptr[j + 1]):
+            if t + _AHEAD < t_pos.size:             # q, do, alpha and ds of an edge soon needed
+                i_next, e_next = t_dst[t + _AHEAD], t_pos[t + _AHEAD]
+                _prefetch_bytes(qkv, i_next, 0, qkv[0, 0].nbytes)
+                _prefetch_bytes(do, i_next, 0, do[0].nbytes)
+                _prefetch(alpha, e_next, 0)
+                _prefetch(ds, e_next, 0)
+            e, i = t_pos[t], t_dst[t]               # e: the edge's position in the target CSR
+            for h in range(H):
+                dk_scale, dv_scale = ds[e, h] * scale, alpha[e, h]
+                for d in range(dh):
+                    dqkv[j, 1, h, d] += dk_scale * qkv[i, 0, h, d]
+                    dqkv[j, 2, h, d] += dv_scale * do[i, h, d]
 
 
 def sparse_backward(do, cache, dq, dk, dv):
     qkv, o, alpha, g, has_bias = cache
-    _start_numba_threads()
     idx, dqkv = _sparse_index(g), _packed(dq, dk, dv)                  # (N, 3, H, dh)
     ds = (np.empty_like(alpha) if has_bias    # (E, H): returned with a bias, else kept scratch
           else _buffer("sparse ds", alpha.size, alpha.dtype).reshape(alpha.shape))
-    _sparse_backward_targets(do, qkv, o, alpha, dqkv, ds, g.indptr, g.src, idx.chunks)
-    _sparse_backward_sources(do, qkv, alpha, ds, dqkv, *idx[1:])     # over the transposed CSR
+
+    def targets(nodes):
+        _sparse_backward_targets(do, qkv, o, alpha, dqkv, ds, g.indptr, g.src, *nodes)
+
+    def sources(nodes):                             # over the transposed CSR, once ds is whole
+        _sparse_backward_sources(do, qkv, alpha, ds, dqkv, *idx, *nodes)
+    _map_threads(targets, _node_ranges(g))
+    _map_threads(sources, _node_ranges(g, by_source=True))
     if not np.shares_memory(dqkv, dq):             # _packed made a copy: write it back
         dq[:], dk[:], dv[:] = dqkv[:, 0], dqkv[:, 1], dqkv[:, 2]
     return _input_order(ds, g) if has_bias else None
@@ -807,10 +811,15 @@ def _check_memory(need, what, hint=""):
                           f"GiB is available{hint}")
 
 
-def _balanced_chunks(indptr, n_chunks=64):
-    """Bounds of node ranges of about equal work (edges + nodes): hubs spread, none is split."""
-    work = indptr + np.arange(indptr.size)                              # (N+1,) increasing
-    return np.unique(np.searchsorted(work, np.linspace(0, work[-1], n_chunks + 1)))
+def _node_ranges(g, by_source=False):
+    """(start, stop) ranges of targets (or sources) of about equal work (edges + nodes), one per
+    thread, built once per graph and thread count: hubs spread, none is split."""
+    def build():
+        indptr = _sparse_index(g).t_indptr if by_source else g.indptr
+        work = indptr + np.arange(indptr.size)                          # (N+1,) increasing
+        cuts = np.searchsorted(work, np.linspace(0, work[-1], _threads() + 1)).tolist()
+        return list(zip(cuts[:-1], cuts[1:]))
+    return g.derived(("ranges", by_source, _threads()), build)
 
 
 _AHEAD, _LINE = 8, 64                                   # edges prefetched ahead; cache line bytes
@@ -857,23 +866,8 @@ _mxcsr = nb.njit(cache=True)(lambda value: _swap_mxcsr(value))
 _NO_DENORMALS = np.uint32(0x9FC0) if platform.machine().lower() in ("x86_64", "amd64") else None
 
 
-def _threads():                         # Numba's thread count, which gtx's Python threads follow
-    _start_numba_threads()
+def _threads():                         # Numba's thread count (NUMBA_NUM_THREADS, set_num_threads)
     return nb.get_num_threads()
-
-
-@functools.cache
-def _start_numba_threads():
-    """Starts Numba's threads (as its first parallel call or get_num_threads would) with
-    OMP_WAIT_POLICY=passive unless set, then restores the environment: idle OpenMP threads sleep
-    at once instead of spinning on the cores gtx's Python threads need next (read once, here)."""
-    before = os.environ.get("OMP_WAIT_POLICY")
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-    try:
-        nb.np.ufunc.parallel._launch_threads()
-    finally:
-        if before is None:
-            del os.environ["OMP_WAIT_POLICY"]
 
 
 _BLAS, _BLAS_LOCK, _BLAS_HOLD = ThreadpoolController(), threading.Lock(), {"calls": 0}

@@ -1080,3 +1080,51 @@ def test_readme_snippets_run_from_another_folder(tmp_path):
         r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0, f"README snippet {n} failed in {tmp_path}:\n{code}\n{r.stderr[-2000:]}"
+
+
+# ---------------------------------------------------------------- parallel programs
+
+PARALLEL_CASES = [("sparse", "random"), ("dense", "random"), ("sparse", "window"), ("dense", "complete")]
+
+
+def parallel_work(case):
+    """One forward, backward and attention_weights of a case; module level, so workers can run it."""
+    backend, kind = case
+    g = {"random": gtx.random_graph(400, avg_degree=8, rng=4), "window": gtx.causal_graph(300, 16),
+         "complete": gtx.complete_graph(200)}[kind]
+    x, p, dy, eb = make_inputs(g, D=16, H=2, dh=8, dtype=F32, seed=4, bias=kind == "random")
+    return run(backend, g, x, p, dy, eb)
+
+
+def assert_same_bits(got, want, what):
+    for k in want:
+        assert np.array_equal(got[k], want[k]), f"{what}: {k} differs from the serial call"
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_process_pool_workers_match_the_parent(method):
+    """A process that has used gtx (sparse and dense) maps gtx over a Pool of that start method and
+    gets its own results back. GNU OpenMP made forked workers die, and the Pool then waited forever:
+    the timeout on the result turns a hang into a failure (a guard, not a timing)."""
+    import multiprocessing
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} start method on this platform")
+    want = [parallel_work(case) for case in PARALLEL_CASES]
+    with multiprocessing.get_context(method).Pool(2) as pool:
+        try:
+            got = pool.map_async(parallel_work, PARALLEL_CASES).get(timeout=120)
+        except multiprocessing.TimeoutError:
+            pytest.fail(f"a {method} Pool using gtx gave no result in 120 s: its workers hung or died")
+    for case, g, w in zip(PARALLEL_CASES, got, want):
+        assert_same_bits(g, w, f"{method} worker, {case}")
+
+
+def test_concurrent_threads_match_serial_calls():
+    """Six user threads calling gtx at once get the same bits as serial calls."""
+    from concurrent.futures import ThreadPoolExecutor
+    cases = PARALLEL_CASES * 3
+    want = [parallel_work(case) for case in PARALLEL_CASES]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(parallel_work, cases))
+    for n, (case, g) in enumerate(zip(cases, got)):
+        assert_same_bits(g, want[n % len(PARALLEL_CASES)], f"thread call {n}, {case}")
