@@ -203,7 +203,10 @@ def measure_workload(name, spec, D, H, dh, cfg, dtype, print_row):
     for b, out in outputs.items():              # each against the first other backend that ran
         ref = next((r for r in ("naive", "sparse", "dense") if r in outputs and r != b
                     and r != rec["rows"][b]["picked"]), None)
-        rec["rows"][b]["check"] = ref and dict(ref=ref, err=rel_err(out, outputs[ref]))
+        check = None
+        if ref is not None:
+            check = dict(ref=ref, err=rel_err(out, outputs[ref]))
+        rec["rows"][b]["check"] = check
     for b in rec["rows"]:
         print_row(rec, b)
     return rec
@@ -409,7 +412,11 @@ def learn_report(runs, seconds):
              f"{len(runs['graph'])} seeds, {seconds:.0f} s"]
     lines += [f"  {arm:<21}{m[arm]:6.3f} ({min(r):.3f}-{max(r):.3f})" for arm, r in runs.items()]
     gap = m["complete"] - m["graph"]
-    share = lambda arm: f"{(m['complete'] - m[arm]) / gap:.0%}" if gap > 0 else "n/a"
+
+    def share(arm):                             # of the gap, closed by arm
+        if gap > 0:
+            return f"{(m['complete'] - m[arm]) / gap:.0%}"
+        return "n/a"
     lines.append(f"gap from complete ({m['complete']:.2f}) to graph ({m['graph']:.2f}) closed by "
                  f"sinusoidal {share('complete+sinusoidal')}, laplacian {share('complete+laplacian')}, "
                  f"edge_bias {share('complete+edge_bias')}")
@@ -468,11 +475,15 @@ def ratio(a, b):
 
 def verdicts(recs, cross, n, memory):
     by = {r["name"]: r for r in recs}
-    t = lambda name, b: total_s(by[name]["rows"][b]) if name in by else None
     out = []
 
+    def time_of(name, b):
+        if name in by:
+            return total_s(by[name]["rows"][b])
+        return None
+
     def versus(name, what):
-        d, s = t(name, "dense"), t(name, "sparse")
+        d, s = time_of(name, "dense"), time_of(name, "sparse")
         if d and s:
             win, lose = ("dense", "sparse") if d < s else ("sparse", "dense")
             out.append(f"{what}: dense {fmt_ms(d)} ms, sparse {fmt_ms(s)} ms; "

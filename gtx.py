@@ -1,9 +1,9 @@
 """gtx: a Transformer is a graph neural network on a complete graph.
 
 One multi-head scaled-dot-product graph attention layer, forward and hand-written backward, in
-three backends that agree to round-off: naive (per-edge Python loops, the executable spec), dense
-(matmuls over blocks of target rows, as a Transformer computes) and sparse (Numba kernels over
-the edges).
+four backends that agree to round-off: naive (per-edge Python loops, the executable spec),
+textbook (softmax(Q K^T / sqrt(dh)) V over all N^2 pairs, the graph as a mask), dense (the same
+by blocks of target rows, as a fast Transformer computes) and sparse (Numba kernels over edges).
 
 Edge e carries a message from source j = edge_index[0, e] to target i = edge_index[1, e]:
     q, k, v = x Wq + bq, x Wk + bk, x Wv + bv                         (N, H, dh) each
@@ -72,11 +72,17 @@ class Graph:
             raise ValueError(f"duplicate edge (j, i) = ({src[c]}, {dst[c]}) at edge_index[:, {c}]")
         self._setup(N, src.size, np.array([0, N]), _indptr(dst, N))
         self.edge_index = _read_only(np.stack([src, dst]))      # (2, E) in input order
-        self.perm, self.src = order, src[order]                 # (E,) each, in CSR order
+        self.perm = order                                       # (E,) input edge ids, CSR order
+        self.src = src[order]                                   # (E,) sources, CSR order
 
     def _setup(self, N, E, ptr, indptr, ranges=None, self_loops=True):
-        self.num_nodes, self.num_edges, self.ptr, self.indptr = N, int(E), ptr, indptr
-        self.ranges, self.self_loops, self._derived = ranges, self_loops, {}
+        self.num_nodes = N
+        self.num_edges = int(E)
+        self.ptr = ptr
+        self.indptr = indptr
+        self.ranges = ranges
+        self.self_loops = self_loops
+        self._derived = {}
         return self
 
     @classmethod
@@ -97,14 +103,17 @@ class Graph:
         src = np.arange(width.sum()) - np.repeat(np.cumsum(width) - width - lo, width)
         return src if self.self_loops else src[src != np.repeat(np.arange(self.num_nodes), width)]
 
-    perm = functools.cached_property(lambda self: np.arange(self.num_edges))   # CSR = input order
+    @functools.cached_property
+    def perm(self):                 # (E,) a structured graph's CSR order is its input order
+        return np.arange(self.num_edges)
 
     def derived(self, key, build):      # what a backend derives from the graph, built once
         if key not in self._derived:
             self._derived[key] = build()
         return self._derived[key]
 
-    __repr__ = lambda self: f"Graph(num_nodes={self.num_nodes}, num_edges={self.num_edges})"
+    def __repr__(self):
+        return f"Graph(num_nodes={self.num_nodes}, num_edges={self.num_edges})"
 
 
 def _count(name, n, low=0):
@@ -160,16 +169,20 @@ def batch_graphs(graphs):
         raise TypeError("batch_graphs takes a list of Graph")
     ptr = np.cumsum([0] + [g.num_nodes for g in graphs], dtype=np.int64)     # (B+1,) node offsets
     eptr = np.cumsum([0] + [g.num_edges for g in graphs], dtype=np.int64)    # (B+1,) edge offsets
-    join = lambda parts: np.concatenate([np.zeros(0, np.int64), *parts])
     if all(g.ranges is not None for g in graphs) and len({g.self_loops for g in graphs}) < 2:
-        lo, hi = (join([g.ranges[r] + o for g, o in zip(graphs, ptr)]) for r in (0, 1))
+        lo = _join([p.ranges[0] + o for p, o in zip(graphs, ptr)])    # (N,) each
+        hi = _join([p.ranges[1] + o for p, o in zip(graphs, ptr)])
         return Graph._structured(lo, hi, all(g.self_loops for g in graphs), ptr)
-    indptr = join([[0]] + [p.indptr[1:] + e for p, e in zip(graphs, eptr)])
+    indptr = _join([[0]] + [p.indptr[1:] + e for p, e in zip(graphs, eptr)])
     g = Graph.__new__(Graph)._setup(int(ptr[-1]), eptr[-1], ptr, indptr)
     g.edge_index = _read_only(np.concatenate([p.edge_index + o for p, o in zip(graphs, ptr)], 1))
-    g.src, g.perm = (join([getattr(p, a) + o for p, o in zip(graphs, off)])
-                     for a, off in (("src", ptr), ("perm", eptr)))
+    g.src = _join([p.src + o for p, o in zip(graphs, ptr)])             # (E,) each
+    g.perm = _join([p.perm + e for p, e in zip(graphs, eptr)])
     return g
+
+
+def _join(parts):                       # int64 concatenation, also of no parts
+    return np.concatenate([np.zeros(0, np.int64), *parts])
 
 
 def random_graph(n, avg_degree=None, density=None, rng=None):
@@ -190,7 +203,8 @@ def random_graph(n, avg_degree=None, density=None, rng=None):
 def init_params(d_model, n_heads, d_head=None, rng=None, dtype=np.float64):
     """Wq, Wk, Wv (D, H, dh); bq, bk, bv (H, dh); Wo (H, dh, D); bo (D,). Zero biases, and weights
     uniform in Glorot's bound: of the stacked (D, 3 H dh) for Wq, Wk, Wv, of (H dh, D) for Wo."""
-    is_count = lambda n: isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
+    def is_count(n):
+        return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
     if not (is_count(d_model) and is_count(n_heads) and (d_head is None or is_count(d_head))):
         raise ValueError(f"init_params: d_model, n_heads and d_head must be ints >= 1, got "
                          f"{d_model!r}, {n_heads!r}, {d_head!r}")
@@ -199,9 +213,13 @@ def init_params(d_model, n_heads, d_head=None, rng=None, dtype=np.float64):
         raise ValueError(f"init_params: d_model // n_heads = {d_model // n_heads}; give d_head")
     if np.dtype(dtype) not in FLOATS:
         raise ValueError(f"init_params: dtype must be float32 or float64, got {np.dtype(dtype)}")
-    D, H, rng = d_model, n_heads, np.random.default_rng(rng)
-    W = lambda bound, *shape: rng.uniform(-bound, bound, shape).astype(dtype)
-    qkv, out = math.sqrt(6 / (D + 3 * H * dh)), math.sqrt(6 / (H * dh + D))  # sqrt(6 / fans)
+    D, H = d_model, n_heads
+    rng = np.random.default_rng(rng)
+
+    def W(bound, *shape):
+        return rng.uniform(-bound, bound, shape).astype(dtype)
+    qkv = math.sqrt(6 / (D + 3 * H * dh))          # Glorot: sqrt(6 / (fan_in + fan_out))
+    out = math.sqrt(6 / (H * dh + D))
     return dict(Wq=W(qkv, D, H, dh), Wk=W(qkv, D, H, dh), Wv=W(qkv, D, H, dh), Wo=W(out, H, dh, D),
                 bq=np.zeros((H, dh), dtype), bk=np.zeros((H, dh), dtype),
                 bv=np.zeros((H, dh), dtype), bo=np.zeros(D, dtype))
@@ -228,7 +246,8 @@ def _project_backward(dqkv, x, p, grads):
     N, _, H, dh = dqkv.shape
     d = dqkv.reshape(N, 3 * H * dh)
     dW, dx = _matmuls(Product(x.T, d), Product(d, _w_qkv(p).T))       # (D, 3 H dh), (N, D)
-    dW, db = dW.reshape(-1, 3, H, dh), dqkv.sum(0)                      # (D, 3, H, dh), (3, H, dh)
+    dW = dW.reshape(-1, 3, H, dh)                                       # (D, 3, H, dh)
+    db = dqkv.sum(0)                                                    # (3, H, dh)
     for n, c in enumerate("qkv"):
         grads["W" + c], grads["b" + c] = dW[:, n], db[n]
     return dx
@@ -244,7 +263,8 @@ NaiveCache = namedtuple("NaiveCache", "q k v alpha g")
 
 def naive_forward(q, k, v, bias, g):
     """Per-edge loops that read like the math; vectorised over heads and dh, never over edges."""
-    (src, dst), (N, H, dh) = g.edge_index, q.shape
+    src, dst = g.edge_index                                             # (E,) each
+    N, H, dh = q.shape
     # pass 1: scores
     s = np.empty((g.num_edges, H), q.dtype)                             # (E, H)
     for e, (j, i) in enumerate(zip(src, dst)):
@@ -270,7 +290,8 @@ def naive_forward(q, k, v, bias, g):
 def naive_backward(do, cache, dq, dk, dv):
     """The forward's passes in reverse, each under the forward line it differentiates."""
     q, k, v, alpha, g = cache
-    (src, dst), (N, H, dh) = g.edge_index, q.shape
+    src, dst = g.edge_index                                             # (E,) each
+    N, H, dh = q.shape
     dq[:], dk[:], dv[:] = 0, 0, 0                   # the loops below add into them
     # backward of pass 4: o[i] += alpha[e] * v[j]
     dalpha = np.empty_like(alpha)                                       # (E, H)
@@ -292,20 +313,93 @@ def naive_backward(do, cache, dq, dk, dv):
 
 
 # ---------------------------------------------------------------- dense
-# As a Transformer computes: for each block of target rows, the scores against the source columns
-# the block needs are one matmul, non-edges set to -inf (only where the block is not full), then
-# the softmax, then P V. Structured graphs give a block a contiguous range of columns; a general
-# graph, the sources in its CSR rows. The backward recomputes each block's P from q, k and the
-# forward's log-sum-exp (as FlashAttention does): nothing N^2 is kept. Blocks run in lanes.
+# The Transformer's attention as a textbook writes it, per head, in FlashAttention's notation: the
+# scores S = Q K^T / sqrt(dh) of all N^2 pairs, -inf where j -> i is not an edge, P = softmax(S),
+# O = P V. textbook_forward is the algorithmic reference of dense_forward, which computes the same
+# by blocks of target rows; it keeps (H, N, N) arrays, so it is for reading and small graphs.
+TextbookCache = namedtuple("TextbookCache", "Q K V P A g has_bias")
+
+
+def textbook_forward(q, k, v, bias, g):
+    N, H, dh = q.shape
+    _check_memory(3 * H * N * N * q.itemsize, f"textbook backend (N={N}, H={H})",
+                  "; it keeps (H, N, N) arrays: use backend='dense'")
+    Q = q.transpose(1, 0, 2)                                            # (H, N, dh)
+    K = k.transpose(1, 0, 2)                                            # (H, N, dh)
+    V = v.transpose(1, 0, 2)                                            # (H, N, dh)
+    src, dst = g.edge_index                                             # (E,) each
+    A = np.zeros((N, N), bool)                                          # (N, N) A[i, j]: j -> i
+    A[dst, src] = True
+    # pass 1: scores S = Q K^T / sqrt(dh) + bias, -inf where j -> i is not an edge
+    S = Q @ K.transpose(0, 2, 1) / math.sqrt(dh)                        # (H, N, N)
+    if bias is not None:
+        S[:, dst, src] += bias.T
+    S = np.where(A, S, -np.inf)
+    # pass 2: each row's max m, 0 in rows without edges
+    m = S.max(-1, keepdims=True, initial=-np.inf)                       # (H, N, 1)
+    m[m == -np.inf] = 0
+    # pass 3: exponentials, summed per row in l
+    P = np.exp(S - m)                                                   # (H, N, N)
+    l = P.sum(-1, keepdims=True)                                        # (H, N, 1)
+    # pass 4: P = softmax(S), l >= 1 unless a row has no edge (then 0 / 1); O = P V
+    P /= np.maximum(l, 1)
+    O = P @ V                                                           # (H, N, dh)
+    return O.transpose(1, 0, 2), TextbookCache(Q, K, V, P, A, g, bias is not None)
+
+
+def textbook_backward(do, cache, dq, dk, dv):
+    Q, K, V, P, A, g, has_bias = cache
+    dh = Q.shape[-1]
+    dO = do.transpose(1, 0, 2)                                          # (H, N, dh)
+    # backward of pass 4, O = P V: dV = P^T dO, dP = dO V^T
+    dv[:] = (P.transpose(0, 2, 1) @ dO).transpose(1, 0, 2)
+    dP = dO @ V.transpose(0, 2, 1)                                      # (H, N, N)
+    # backward of passes 2 and 3, the softmax: dS = P (dP - delta), delta = rowsum(P dP)
+    delta = np.where(A, P * dP, 0).sum(-1, keepdims=True)              # (H, N, 1)
+    dS = np.where(A, P * (dP - delta), 0)                               # (H, N, N)
+    # backward of pass 1, S = Q K^T / sqrt(dh) + bias: dQ = dS K / sqrt(dh), dK = dS^T Q / sqrt(dh)
+    dq[:] = (dS @ K / math.sqrt(dh)).transpose(1, 0, 2)
+    dk[:] = (dS.transpose(0, 2, 1) @ Q / math.sqrt(dh)).transpose(1, 0, 2)
+    src, dst = g.edge_index
+    return dS[:, dst, src].T if has_bias else None                      # (E, H) input order
+
+
+def textbook_alpha(cache):
+    src, dst = cache.g.edge_index
+    return cache.P[:, dst, src].T                                       # (E, H) input order
+
+
+# ---------------------------------------------------------------- dense, by blocks of rows
+# dense_forward is textbook_forward, otherwise identical, except for these (README: their gains):
+# - blocks of target rows, each against only the source columns its rows need (dense_blocks):
+#   nothing N^2 is kept, and the backward recomputes each block's P from lse, as FlashAttention;
+# - pass 2 shifts by a bound instead of the row max (_bound_shift), found before the scores;
+# - columns ride in the matmuls (_heads_first): q's last column holds -c, so pass 1 gives s - c;
+#   v's ones give pass 3's l in pass 4's P V; the backward's -lse and -delta ride alike;
+# - blocks run in lanes, a contiguous run of blocks per thread, each with its own dk and dv;
+# - a block with a non-finite input is cut into rows (_split): inf and NaN reach only what they
+#   reach in naive, where textbook's 0 * NaN at a non-edge would spread them;
+# - scratch arrays are per-thread buffers, reused from call to call (_buffer).
 DenseCache = namedtuple("DenseCache", "qh kh vh o lse bias g block_rows bad")
 
 
 class Block(namedtuple("Block", "rows cols ragged mask", defaults=[None, None])):
     """rows: a slice of targets; cols: their sources, a slice or a sorted array; ragged: a slice
     of cols where some pair is not an edge, or None; mask (R, ragged): 0 at edges, else -inf."""
-    R = property(lambda b: b.rows.stop - b.rows.start)
-    C = property(lambda b: b.cols.stop - b.cols.start if isinstance(b.cols, slice) else b.cols.size)
-    sources = property(lambda b: np.r_[b.cols])                         # cols as an array
+
+    @property
+    def R(self):
+        return self.rows.stop - self.rows.start
+
+    @property
+    def C(self):
+        if isinstance(self.cols, slice):
+            return self.cols.stop - self.cols.start
+        return self.cols.size
+
+    @property
+    def sources(self):              # cols as an array
+        return np.r_[self.cols]
 
 
 def dense_blocks(g, block_rows=None):
@@ -320,39 +414,53 @@ def dense_blocks(g, block_rows=None):
             if b - cuts[-1] > R and a > cuts[-1]:
                 cuts.append(a)                        # start a block with this graph
             cuts += range(cuts[-1] + R, b, R)         # cut a graph larger than R rows
-        cuts += [g.num_nodes] if g.num_nodes > cuts[-1] else []
+        if g.num_nodes > cuts[-1]:
+            cuts.append(g.num_nodes)
         for r0, r1 in zip(cuts[:-1], cuts[1:]):
             if g.ranges is None:
-                cols = np.unique(g.src[g.indptr[r0]:g.indptr[r1]])
-                full = g.indptr[r1] - g.indptr[r0] == (r1 - r0) * cols.size
-                ragged = None if full else slice(0, cols.size)
-                if cols.size and cols[-1] - cols[0] + 1 == cols.size:      # contiguous: a view
-                    cols = slice(cols[0], cols[-1] + 1)
-                yield Block(slice(r0, r1), cols, ragged)
+                yield _general_block(g, r0, r1)
             else:
-                lo, hi = g.ranges[0][r0:r1], g.ranges[1][r0:r1]
-                c0, c1, f0, f1 = lo.min(), hi.max(), lo.max(), hi.min()   # [f0, f1): every row's
-                gaps = [(c0, f0), (f1, c1)] if f0 < f1 else [(c0, c1)]
-                gaps += [] if g.self_loops else [(max(r0, c0), min(r1, c1))]   # the diagonal
-                gaps = [(a - c0, b - c0) for a, b in gaps if a < b]
-                ragged = slice(min(a for a, _ in gaps), max(b for _, b in gaps)) if gaps else None
-                yield Block(slice(r0, r1), slice(c0, c1), ragged)
+                yield _structured_block(g, r0, r1)
     return g.derived(("dense", R), lambda: list(plan()))
+
+
+def _general_block(g, r0, r1):          # columns: the sources of the rows' edges
+    cols = np.unique(g.src[g.indptr[r0]:g.indptr[r1]])
+    full = g.indptr[r1] - g.indptr[r0] == (r1 - r0) * cols.size
+    ragged = None if full else slice(0, cols.size)
+    if cols.size and cols[-1] - cols[0] + 1 == cols.size:      # contiguous: a view, not a gather
+        cols = slice(cols[0], cols[-1] + 1)
+    return Block(slice(r0, r1), cols, ragged)
+
+
+def _structured_block(g, r0, r1):       # columns: the union of the rows' ranges
+    lo, hi = g.ranges[0][r0:r1], g.ranges[1][r0:r1]
+    c0, c1 = lo.min(), hi.max()
+    f0, f1 = lo.max(), hi.min()                     # [f0, f1): in every row's range
+    gaps = [(c0, f0), (f1, c1)] if f0 < f1 else [(c0, c1)]
+    if not g.self_loops:
+        gaps.append((max(r0, c0), min(r1, c1)))     # the diagonal
+    gaps = [(a - c0, b - c0) for a, b in gaps if a < b]
+    ragged = slice(min(a for a, _ in gaps), max(b for _, b in gaps)) if gaps else None
+    return Block(slice(r0, r1), slice(c0, c1), ragged)
 
 
 def _masked(g, block_rows):
     """dense_blocks with their masks, built on the first dense call (choose_backend needs none)."""
-    def build(b):                        # the mask (R, ragged) laid out as the scores are
-        e = b.ragged and _edge_mask(g, b, b.sources[b.ragged])
-        return b if e is None else b._replace(mask=np.where(e.T, 0, -np.inf).astype("f4", "C").T)
-    return g.derived(("masks", block_rows), lambda: [*map(build, dense_blocks(g, block_rows))])
+    def build(b):
+        if b.ragged is None:
+            return b
+        edge = _edge_mask(g, b, b.sources[b.ragged])                    # (R, ragged)
+        return b._replace(mask=np.where(edge, 0, -np.inf).astype(np.float32))
+    return g.derived(("masks", block_rows), lambda: [build(b) for b in dense_blocks(g, block_rows)])
 
 
 def dense_bytes(g, n_heads, dtype, edge_bias=False, block_rows=None):
     """Bytes dense needs beyond arrays the size of q (q, k, v, do heads first, o, 2 a thread for dk,
-    dv): per thread three (H, R, C) blocks (s, dP, then (H, C, dh) scratch if R >= dh; four with a
-    bias), a bias's (E, H) copy and gradient, and masks (4 bytes a pair, kept per graph)."""
-    blocks, item = dense_blocks(g, block_rows), np.dtype(dtype).itemsize
+    dv): per thread three (H, R, C) blocks (s, dP, then pv or t, no bigger while R >= dh and C > dh;
+    four with a bias), a bias's (E, H) copy and gradient, and masks (4 bytes a pair, per graph)."""
+    blocks = dense_blocks(g, block_rows)
+    item = np.dtype(dtype).itemsize
     cells = max([b.R * b.C for b in blocks], default=0)
     masks = 4 * sum(b.R * (b.ragged.stop - b.ragged.start) for b in blocks if b.ragged is not None)
     scratch = _threads() * (3 + edge_bias) * cells + 2 * edge_bias * g.num_edges
@@ -360,8 +468,7 @@ def dense_bytes(g, n_heads, dtype, edge_bias=False, block_rows=None):
 
 
 def _edge_mask(g, b, cols):
-    """(R, C) bool: True where row r of block b and source cols[c] are an edge (for a general
-    graph, cols holds every source of the block's edges)."""
+    """(R, C) bool: True where row r of block b and source cols[c] are an edge."""
     if g.ranges is None:
         mask = np.zeros((b.R, cols.size), bool)
         counts = np.diff(g.indptr[b.rows.start:b.rows.stop + 1])        # (R,) in-edges
@@ -369,21 +476,53 @@ def _edge_mask(g, b, cols):
         mask[np.repeat(np.arange(b.R), counts), np.searchsorted(cols, src)] = True
         return mask
     mask = (cols >= g.ranges[0][b.rows, None]) & (cols < g.ranges[1][b.rows, None])
-    return mask if g.self_loops else mask & (cols != np.r_[b.rows][:, None])    # not i -> i
+    if not g.self_loops:
+        mask &= cols != np.r_[b.rows][:, None]                         # not i -> i
+    return mask
 
 
-def _block_edges(g, b):                 # the CSR range of block b's edges, and their (row, column)
+def _block_edges(g, b):
+    """The CSR range of block b's edges, and their (row, column) positions in the block."""
     edges = slice(g.indptr[b.rows.start], g.indptr[b.rows.stop])
-    return edges, *np.nonzero(_edge_mask(g, b, b.sources))
+    rows, cols = np.nonzero(_edge_mask(g, b, b.sources))
+    return edges, rows, cols
+
+
+def _heads_first(arrays, scales):
+    """For each (N, H, dh) a, on a thread each: a * scale as (H, N, dh + 1), a head's rows in one
+    run for the blocks' matmuls, with a last column of ones to ride in them; also the (H, N) norms
+    of a * scale, and whether they are all finite (an overflow of the squares counts as not)."""
+    def copy(task):
+        a, scale = task
+        out = np.empty((a.shape[1], a.shape[0], a.shape[2] + 1), a.dtype)
+        np.multiply(a.transpose(1, 0, 2), scale, out=out[..., :-1])
+        out[..., -1] = 1
+        norm = np.sqrt(np.einsum("hnd,hnd->hn", out[..., :-1], out[..., :-1]))
+        return out, norm, np.isfinite(norm.sum())
+    done = _map_threads(copy, list(zip(arrays, scales)))
+    return [d[0] for d in done], [d[1] for d in done], [d[2] for d in done]
+
+
+def _bound_shift(q_norm, k_norm, b):
+    """(H, R) c = |q_i| max_j |k_j| over block b's columns: no score s_ij = <q_i, k_j> exceeds it
+    (Cauchy-Schwarz), so exp(s - c) cannot overflow, and softmax does not change with a shift."""
+    with np.errstate(invalid="ignore"):             # inf * 0 = NaN: the block then takes the max
+        return q_norm[:, b.rows] * k_norm[:, b.cols].max(-1, initial=0)[:, None]
+
+
+def _sum_too_small(l, g, b):
+    """Whether the bound was too loose for block b: a row with edges has l < 2^-40, or NaN. Above
+    that, a term that denormals-as-zero flushes (below 2^-126) is below 2^-86 of its row's sum."""
+    edges = np.diff(g.indptr[b.rows.start:b.rows.stop + 1]) > 0                 # (R,)
+    return not (l >= 2.0**-40)[:, edges].all()
 
 
 def _scores(qh, kh, bias, g, b, s):
-    """s (H, R, C) = qh[:, rows] kh[:, cols]^T, the scores of block b, then + bias at edges and
-    -inf at non-edges. qh, kh (H, N, dh) or (H, N, dh + 1): q and k / sqrt(dh), heads first."""
-    np.matmul(kh[:, b.cols], qh[:, b.rows].transpose(0, 2, 1), out=s.transpose(0, 2, 1))
+    """Pass 1 for block b: s (H, R, C) = qh[:, rows] kh[:, cols]^T, + bias at edges and -inf at
+    non-edges. qh, kh (H, N, dh + 1): q and k / sqrt(dh), heads first, with their last columns."""
+    np.matmul(qh[:, b.rows], kh[:, b.cols].transpose(0, 2, 1), out=s)
     if bias is not None:            # bias at edges, -inf elsewhere: s is finite here, see _split
-        H, R, C = s.shape
-        tile = _buffer("dense tile", s.size, s.dtype).reshape(H, C, R).transpose(0, 2, 1)  # as s
+        tile = _buffer("dense tile", s.size, s.dtype).reshape(s.shape)
         tile[:] = -np.inf
         e, r, c = _block_edges(g, b)
         tile[:, r, c] = bias[e].T
@@ -396,11 +535,17 @@ def _scores(qh, kh, bias, g, b, s):
 def _split(blocks, g, bad):
     """Blocks with a non-finite input and a non-edge pair, cut into a block per row over its own
     sources: inf and NaN reach only what naive lets them (0 * NaN through a non-edge would not)."""
-    def rows(b):
-        for row in (Block(slice(i, i + 1), b.sources) for i in range(b.rows.start, b.rows.stop)):
-            yield row._replace(cols=b.sources[_edge_mask(g, row, b.sources)[0]])
-    keep = lambda b: bad is None or b.ragged is None or not (bad[b.rows].any() or bad[b.cols].any())
-    return [row for b in blocks for row in ([b] if keep(b) else rows(b))]
+    def whole(b):
+        return bad is None or b.ragged is None or not (bad[b.rows].any() or bad[b.cols].any())
+    out = []
+    for b in blocks:
+        if whole(b):
+            out.append(b)
+            continue
+        for i in range(b.rows.start, b.rows.stop):
+            row = Block(slice(i, i + 1), b.sources)
+            out.append(row._replace(cols=b.sources[_edge_mask(g, row, b.sources)[0]]))
+    return out
 
 
 def _nonfinite(*arrays, bad=None):
@@ -414,39 +559,40 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
     _check_memory(dense_bytes(g, H, q.dtype, bias is not None, block_rows),
                   f"dense backend (N={N}, H={H})", "; use smaller block_rows or backend='sparse'")
     bias = _to_csr(bias, g)                        # (E, H) blocks read their edges in CSR order
-    o, lse = np.empty_like(q), np.empty((N, H), q.dtype)                # (N, H, dh), (N, H)
-    (qh, kh, vh), (qn, kn, _), finite = _heads_first((q, k, v), (1, 1 / math.sqrt(dh), 1))
+    o = np.empty_like(q)                                                # (N, H, dh)
+    lse = np.empty((N, H), q.dtype)                                     # (N, H) c + log l
+    heads, norms, finite = _heads_first((q, k, v), (1, 1 / math.sqrt(dh), 1))
+    qh, kh, vh = heads                                                  # (H, N, dh + 1) each
     bad = None if all(finite) else _nonfinite(q, k, v)
 
-    # Softmax does not change with a shift c of each row's scores, and c = |q| max|k| is one that
-    # no score exceeds (Cauchy-Schwarz), so exp cannot overflow: no pass to find the scores' max.
-    # Where c is so loose that a row's sum may underflow, and with a bias, the max is the shift.
-    def attend(b, s, o_b, bound):                                       # -> c (H, R)
-        with np.errstate(invalid="ignore"):        # inf * 0 = NaN: the row max is taken then
-            c = qn[:, b.rows] * kn[:, b.cols].max(-1, initial=0)[:, None] if bound else 0
+    def attend(b, s, pv, bound):                   # passes 1-4 of block b; -> the shift c (H, R)
+        # pass 2 first, as the bound needs no scores: the shift c, -c into q's last column
+        c = _bound_shift(norms[0], norms[1], b) if bound else 0
         qh[:, b.rows, dh] = -c
-        # pass 1: s - c, -inf at non-edges: -c rides in the matmul (qh's last column, kh's ones)
+        # pass 1: s - c = [q, -c] [k / sqrt(dh), 1]^T, -inf at non-edges
         _scores(qh, kh, bias, g, b, s)                                   # (H, R, C)
-        if not bound:                                  # the row max; 0 in rows without edges
+        if not bound:                  # pass 2 as textbook's: the row max, 0 in rows without edges
             c = s.max(-1, initial=-np.inf)
             c[c == -np.inf] = 0
             np.subtract(s, c[..., None], out=s)
-        # pass 2: unnormalised P; pass 3: P V, and with vh's ones P's row sums
-        np.matmul(np.exp(s, out=s), vh[:, b.cols], out=o_b)             # (H, R, dh + 1)
+        # pass 3: exp(s - c); with pass 4's P V: [P V, l] = exp(s - c) [v, 1], P unnormalised
+        np.matmul(np.exp(s, out=s), vh[:, b.cols], out=pv)              # (H, R, dh + 1)
         return c
 
     def lane(blocks):
-        for b, (s, o_b) in _buffers(blocks, q.dtype, lambda R, C: [(H, C, R), (H, R, dh + 1)]):
-            s = s.transpose(0, 2, 1)                 # (H, R, C) laid out source-major: _scores
-            c = attend(b, s, o_b, bias is None)
-            edges = np.diff(g.indptr[b.rows.start:b.rows.stop + 1]) > 0               # (R,)
-            if bias is None and not (o_b[..., dh] >= 2.0**-40)[:, edges].all():   # or NaN
-                c = attend(b, s, o_b, False)
-            den = o_b[..., dh] + (o_b[..., dh] == 0)   # (H, R), 0 only in rows without edges: 0/1
-            np.divide(o_b[..., :dh].transpose(1, 0, 2), den.T[..., None], out=o[b.rows])
-            lse[b.rows] = (c + np.log(den)).T          # log of sum exp(s): P = exp(s - lse)
+        for b in blocks:
+            s = _buffer("dense s", H * b.R * b.C, q.dtype).reshape(H, b.R, b.C)
+            pv = _buffer("dense pv, t", H * b.R * (dh + 1), q.dtype).reshape(H, b.R, dh + 1)
+            c = attend(b, s, pv, bias is None)
+            if bias is None and _sum_too_small(pv[..., dh], g, b):
+                c = attend(b, s, pv, False)
+            l = pv[..., dh]                                              # (H, R)
+            l[l == 0] = 1                               # only in rows without edges: o = 0 / 1
+            # pass 4: o = P V / l
+            np.divide(pv[..., :dh].transpose(1, 0, 2), l.T[..., None], out=o[b.rows])
+            lse[b.rows] = (c + np.log(l)).T             # P = exp(s - lse)
     _map_threads(lane, _lanes(_split(_masked(g, block_rows), g, bad)))
-    qh[..., dh] = -lse.T                               # [q, -lse] kh^T = s - lse: see backward
+    qh[..., dh] = -lse.T                               # for the backward: [q, -lse] k^T = s - lse
     return o, DenseCache(qh, kh, vh, o, lse, bias, g, block_rows, bad)
 
 
@@ -454,50 +600,57 @@ def dense_backward(do, cache, dq, dk, dv):
     qh, kh, vh, o, lse, bias, g, block_rows, bad = cache
     N, H, dh = do.shape
     ds_edges = None if bias is None else np.empty_like(bias)            # (E, H) CSR order
-    # [q, -lse] kh^T = s - lse and [do, -delta] vh^T = dP - delta: no pass over (H, R, C) subtracts
-    (doh,), _, (finite,) = _heads_first((do,), (1,))    # (H, N, dh + 1); a bias's inf shows in o
-    bad = _nonfinite(o, do, bad=bad) if bad is not None or bias is not None or not finite else None
+    heads, _, finite = _heads_first((do,), (1,))        # a bias's inf shows in o
+    doh = heads[0]                                      # (H, N, dh + 1): [do, -delta]
+    if bad is not None or bias is not None or not finite[0]:
+        bad = _nonfinite(o, do, bad=bad)
     lanes = _lanes(_split(_masked(g, block_rows), g, bad))
-    doh[..., dh] = -np.einsum("nhd,nhd->hn", do, o)    # delta = sum_j P dP = <do, o>
+    doh[..., dh] = -np.einsum("nhd,nhd->hn", do, o)    # delta = rowsum(P dP) = <do, o>
     acc = _buffer("dense dkv", len(lanes) * 2 * dk.size, dk.dtype).reshape(len(lanes), 2, H, N, dh)
 
     def lane(n):
         acc[n] = 0
         dk_l, dv_l = acc[n]                 # (H, N, dh) each: this lane's, added in lane order
-        for b, (s, dp, t_c) in _buffers(lanes[n], dk.dtype, lambda R, C: [(H, C, R)] * 2
-                                        + [(H, C, dh)]):
-            s, dp = s.transpose(0, 2, 1), dp.transpose(0, 2, 1)         # (H, R, C) each
-            # recompute pass 2's P = exp(s - lse) from pass 1's scores
+        for b in lanes[n]:
+            s = _buffer("dense s", H * b.R * b.C, do.dtype).reshape(H, b.R, b.C)
+            dp = _buffer("dense dp", H * b.R * b.C, do.dtype).reshape(H, b.R, b.C)
+            t = _buffer("dense pv, t", H * b.C * dh, do.dtype).reshape(H, b.C, dh)
+            # passes 1-3 again: P = exp([q, -lse] [k / sqrt(dh), 1]^T) = exp(s - lse)
             p = np.exp(_scores(qh, kh, bias, g, b, s), out=s)            # (H, R, C)
-            # backward of pass 3, o = P V: dV = P^T do, dP = do V^T
-            np.matmul(p.transpose(0, 2, 1), doh[:, b.rows, :dh], out=t_c)
-            dv_l[:, b.cols] += t_c
-            np.matmul(vh[:, b.cols], doh[:, b.rows].transpose(0, 2, 1), out=dp.transpose(0, 2, 1))
-            # backward of pass 2, the softmax: dS = P (dP - delta)
+            # backward of pass 4, o = P V: dV = P^T do, and [do, -delta] [v, 1]^T = dP - delta
+            np.matmul(p.transpose(0, 2, 1), doh[:, b.rows, :dh], out=t)
+            dv_l[:, b.cols] += t
+            np.matmul(doh[:, b.rows], vh[:, b.cols].transpose(0, 2, 1), out=dp)
+            # backward of passes 2 and 3, the softmax: dS = P (dP - delta)
             ds = np.multiply(dp, p, out=dp)                              # (H, R, C)
             if bias is not None:
                 e, r, c = _block_edges(g, b)
                 ds_edges[e] = ds[:, r, c].T
-            # backward of pass 1: s = q k^T / sqrt(dh); dk's 1 / sqrt(dh) comes with the lanes' sum
-            np.matmul(ds.transpose(0, 2, 1), qh[:, b.rows, :dh], out=t_c)
-            dk_l[:, b.cols] += t_c
+            # backward of pass 1, s = q k^T / sqrt(dh): dQ = dS (k / sqrt(dh)), dK = dS^T q, whose
+            # 1 / sqrt(dh) is applied once, when the lanes are summed
+            np.matmul(ds.transpose(0, 2, 1), qh[:, b.rows, :dh], out=t)
+            dk_l[:, b.cols] += t
             np.matmul(ds, kh[:, b.cols, :dh], out=dq[b.rows].transpose(1, 0, 2))
     _map_threads(lane, range(len(lanes)))
 
-    def add_lanes(n, out, scale):                       # dk then dv, the lanes added in order
+    def add_lanes(task):                    # dk, then dv: the lanes added in order
+        n, out, scale = task
         for lane_sum in acc[1:, n]:
             acc[0, n] += lane_sum
         np.multiply(acc[0, n], scale, out=out.transpose(1, 0, 2))
-    _map_threads(lambda task: add_lanes(*task), [(0, dk, 1 / math.sqrt(dh)), (1, dv, 1)])
+    _map_threads(add_lanes, [(0, dk, 1 / math.sqrt(dh)), (1, dv, 1)])
     return None if bias is None else _input_order(ds_edges, g)
 
 
 def dense_alpha(cache):
     qh, kh, vh, o, lse, bias, g, block_rows, bad = cache
-    alpha = np.empty((g.num_edges, len(qh)), qh.dtype)                  # (E, H) CSR order
+    H = len(qh)
+    alpha = np.empty((g.num_edges, H), qh.dtype)                        # (E, H) CSR order
+
     def lane(blocks):                   # as the forward's lanes, on its threads
-        for b, (s,) in _buffers(blocks, qh.dtype, lambda R, C: [(len(qh), C, R)]):
-            p = np.exp(_scores(qh, kh, bias, g, b, s.transpose(0, 2, 1)))  # P = exp(s - lse)
+        for b in blocks:
+            s = _buffer("dense s", H * b.R * b.C, qh.dtype).reshape(H, b.R, b.C)
+            p = np.exp(_scores(qh, kh, bias, g, b, s), out=s)            # P = exp(s - lse)
             e, r, c = _block_edges(g, b)                       # P at edges only: no 0 * NaN
             alpha[e] = p[:, r, c].T
     _map_threads(lane, _lanes(_masked(g, block_rows)))
@@ -539,7 +692,7 @@ def _sparse_forward_kernel(qkv, bias, indptr, src, i0, i1, o, alpha):
         m[:] = np.finfo(qkv.dtype).min      # not -inf: scores all -inf (a masking bias) give 0
         den[:] = 0
         acc[:] = 0
-        # pass 1: scores s = <q_i, k_j> / sqrt(dh) + bias, into alpha's buffer
+        # passes 1 and 2: scores s = <q_i, k_j> / sqrt(dh) + bias, into alpha's buffer; their max m
         for e in range(indptr[i], indptr[i + 1]):
             if e + _AHEAD < src.size:
                 _prefetch_bytes(qkv, src[e + _AHEAD], qkv[0, 0].nbytes, qkv[0].nbytes)
@@ -551,7 +704,7 @@ def _sparse_forward_kernel(qkv, bias, indptr, src, i0, i1, o, alpha):
                 s = s * scale + (0 if bias is None else bias[e, h])
                 alpha[e, h] = s
                 m[h] = max(m[h], s)
-        # pass 2: alpha's buffer holds exp(s - max), max subtracted for stability
+        # pass 3: exp(s - m) into alpha's buffer, summed in den; pass 4's P V, unnormalised
         for e in range(indptr[i], indptr[i + 1]):
             j = src[e]
             for h in range(H):
@@ -560,7 +713,7 @@ def _sparse_forward_kernel(qkv, bias, indptr, src, i0, i1, o, alpha):
                 den[h] += p
                 for d in range(dh):
                     acc[h, d] += p * qkv[j, 2, h, d]
-        # pass 3: normalise once: alpha = exp / den, o_i = acc / den (no in-edges: 0 / 1)
+        # pass 4: normalise once: alpha = exp / den, o_i = acc / den (no in-edges: 0 / 1)
         for h in range(H):
             den[h] = max(den[h], 1)
             for e in range(indptr[i], indptr[i + 1]):
@@ -596,11 +749,11 @@ def _sparse_backward_targets(do, qkv, o, alpha, dqkv, ds, indptr, src, i0, i1):
             for e in range(indptr[i], indptr[i + 1]):
                 if h == 0 and e + _AHEAD < src.size:        # once per edge: h is the outer loop
                     _prefetch_bytes(qkv, src[e + _AHEAD], qkv[0, 0].nbytes, qkv[0].nbytes)
-                # backward of o_i = sum_e alpha_e v_j: dalpha_e = <do_i, v_j>
+                # backward of pass 4, o_i = sum_e alpha_e v_j: dalpha_e = <do_i, v_j>
                 j, da = src[e], qkv.dtype.type(0)
                 for d in range(dh):
                     da += do[i, h, d] * qkv[j, 2, h, d]
-                # backward of the softmax, then of s = <q_i, k_j> / sqrt(dh) + bias
+                # backward of passes 2 and 3, the softmax; of pass 1, s = <q_i, k_j> / sqrt(dh)
                 ds[e, h] = alpha[e, h] * (da - dot)
                 for d in range(dh):
                     dqkv[i, 0, h, d] += ds[e, h] * scale * qkv[j, 1, h, d]
@@ -621,7 +774,7 @@ def _sparse_backward_sources(do, qkv, alpha, ds, dqkv, t_indptr, t_pos, t_dst, j
                 _prefetch(alpha, e_next, 0)
                 _prefetch(ds, e_next, 0)
             e, i = t_pos[t], t_dst[t]               # e: the edge's position in the target CSR
-            for h in range(H):
+            for h in range(H):          # backward of pass 1 (dk), of pass 4 (dv)
                 dk_scale, dv_scale = ds[e, h] * scale, alpha[e, h]
                 for d in range(dh):
                     dqkv[j, 1, h, d] += dk_scale * qkv[i, 0, h, d]
@@ -650,6 +803,7 @@ def sparse_backward(do, cache, dq, dk, dv):
 
 Backend = namedtuple("Backend", "forward backward alpha")      # alpha(cache): (E, H), input order
 BACKENDS = {"naive": Backend(naive_forward, naive_backward, lambda cache: cache.alpha.copy()),
+            "textbook": Backend(textbook_forward, textbook_backward, textbook_alpha),
             "dense": Backend(dense_forward, dense_backward, dense_alpha),
             "sparse": Backend(sparse_forward, sparse_backward,
                               lambda cache: _input_order(cache.alpha, cache.g))}
@@ -667,7 +821,8 @@ def forward(x, g, params, backend="auto", edge_bias=None):
     if x.ndim != 2 or x.shape[0] != g.num_nodes:
         raise ValueError(f"x must have shape (num_nodes={g.num_nodes}, D), got {x.shape}")
     p = _check_params(params, x.shape[1], x.dtype)
-    N, (H, dh, D) = len(x), p["Wo"].shape
+    N = len(x)
+    H, dh, D = p["Wo"].shape
     if edge_bias is not None:
         edge_bias = _as_float_array("edge_bias", edge_bias, x.dtype, (g.num_edges, H))
     if backend == "auto":
@@ -686,12 +841,14 @@ def backward(dy, cache):
         raise TypeError(f"cache must be forward's second value, got {type(cache).__name__}")
     backend, x, p, o, attention, has_bias = cache
     dy = _as_float_array("dy", dy, x.dtype, x.shape)
-    N, (H, dh, D) = len(x), p["Wo"].shape
+    N = len(x)
+    H, dh, D = p["Wo"].shape
     with _one_blas_thread():
         # backward of y = o Wo + bo
         dWo, do = _matmuls(Product(o.reshape(N, H * dh).T, dy), Product(
             dy, p["Wo"].reshape(H * dh, D).T, _buffer("do", N * H * dh, dy.dtype)))
-        grads, do = {"Wo": dWo.reshape(H, dh, D), "bo": dy.sum(0)}, do.reshape(N, H, dh)
+        grads = {"Wo": dWo.reshape(H, dh, D), "bo": dy.sum(0)}
+        do = do.reshape(N, H, dh)
         # backward of the attention, into the (N, 3, H, dh) gradients of q, k, v
         dqkv = _buffer("dqkv", 3 * N * H * dh, dy.dtype).reshape(N, 3, H, dh)
         ds = BACKENDS[backend].backward(do, attention, dqkv[:, 0], dqkv[:, 1], dqkv[:, 2])
@@ -719,7 +876,8 @@ def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
     """("dense" or "sparse", {backend: estimated seconds of the attention, forward and backward}):
     dense pays for every (row, column) pair of its blocks, sparse for every edge, more per unit.
     A backend whose memory does not fit gets inf: auto never picks one that would MemoryError."""
-    H, dh, c, scale = n_heads, d_head, COST, np.dtype(dtype).itemsize / 4
+    H, dh, c = n_heads, d_head, COST
+    scale = np.dtype(dtype).itemsize / 4                # float64 costs about twice float32
     blocks = dense_blocks(g)
     pairs = sum(b.R * b.C for b in blocks)                              # dense's (row, column)s
     cost = {"dense": c["dense_call"] + c["dense_block"] * len(blocks)
@@ -781,7 +939,8 @@ def laplacian_pe(g, k, rng=None):
     then flipped at random, as in training. Columns past N - 1 are 0. O(N^3) time, 4 N^2 floats."""
     if not isinstance(g, Graph):
         raise TypeError(f"g must be a Graph, got {type(g).__name__}")
-    k, N = _count("k", k), g.num_nodes
+    k = _count("k", k)
+    N = g.num_nodes
     _check_memory(4 * 8 * N * N, f"laplacian_pe: the dense eigendecomposition of an {N} x {N} L")
     src, dst = g.edge_index
     A = np.zeros((N, N))                                                # (N, N) symmetric
@@ -791,8 +950,10 @@ def laplacian_pe(g, k, rng=None):
     d = np.divide(1, np.sqrt(deg), out=np.zeros(N), where=deg > 0)     # (N,) D^-1/2, 0 if isolated
     _, U = np.linalg.eigh(np.eye(N) - d[:, None] * A * d[None, :])     # ascending eigenvalues
     U = U[:, 1:k + 1]                                                   # (N, min(k, N-1))
-    U = U * np.sign(U[np.abs(U).argmax(0), np.arange(U.shape[1])]) if U.size else U
-    U = U if rng is None else U * np.random.default_rng(rng).choice([-1.0, 1.0], U.shape[1])
+    if U.size:
+        U = U * np.sign(U[np.abs(U).argmax(0), np.arange(U.shape[1])])
+    if rng is not None:
+        U = U * np.random.default_rng(rng).choice([-1.0, 1.0], U.shape[1])
     return np.pad(U, ((0, 0), (0, k - U.shape[1])))
 
 
@@ -822,7 +983,8 @@ def _node_ranges(g, by_source=False):
     return g.derived(("ranges", by_source, _threads()), build)
 
 
-_AHEAD, _LINE = 8, 64                                   # edges prefetched ahead; cache line bytes
+_AHEAD = 8                              # edges prefetched ahead
+_LINE = 64                              # cache line bytes
 
 
 @intrinsic
@@ -849,7 +1011,8 @@ def _prefetch_bytes(a, i, start, stop):                 # bytes start:stop of ro
 
 
 # While gtx's threads work, x86's MXCSR is 0x9FC0 (its default 0x1F80 | FTZ | DAZ): denormal floats
-# count as 0. BLAS and numpy's exp slow down ~100x on each, and peaked attention makes many.
+# count as 0. On an Intel Xeon, BLAS and numpy's exp slow ~100x on each, and peaked attention makes
+# many (dense 309 -> 36 ms; AMD EPYC: no change). No maintained library sets MXCSR from Python.
 @intrinsic
 def _swap_mxcsr(typingctx, value):      # x86: value into this thread's MXCSR; -> the old value
     def codegen(context, builder, sig, args):
@@ -862,7 +1025,11 @@ def _swap_mxcsr(typingctx, value):      # x86: value into this thread's MXCSR; -
     return nb.types.uint32(nb.types.uint32), codegen
 
 
-_mxcsr = nb.njit(cache=True)(lambda value: _swap_mxcsr(value))
+@nb.njit(cache=True)
+def _mxcsr(value):
+    return _swap_mxcsr(value)
+
+
 _NO_DENORMALS = np.uint32(0x9FC0) if platform.machine().lower() in ("x86_64", "amd64") else None
 
 
@@ -870,7 +1037,9 @@ def _threads():                         # Numba's thread count (NUMBA_NUM_THREAD
     return nb.get_num_threads()
 
 
-_BLAS, _BLAS_LOCK, _BLAS_HOLD = ThreadpoolController(), threading.Lock(), {"calls": 0}
+_BLAS = ThreadpoolController()
+_BLAS_LOCK = threading.Lock()
+_BLAS_HOLD = {"calls": 0}           # gtx calls running now, and the limit to restore after them
 
 
 @contextlib.contextmanager
@@ -906,31 +1075,11 @@ _THREAD = threading.local()
 def _buffer(key, n, dtype):
     """n elements of dtype from a buffer this thread keeps per key, valid until its next call with
     that key: fresh temporaries pay page faults each call (glibc returns big blocks to the OS)."""
-    bufs, nbytes = _THREAD.__dict__.setdefault("bufs", {}), n * np.dtype(dtype).itemsize
+    bufs = _THREAD.__dict__.setdefault("bufs", {})
+    nbytes = n * np.dtype(dtype).itemsize
     if key not in bufs or bufs[key].size < nbytes:
         bufs[key] = np.empty(nbytes, np.uint8)
     return bufs[key][:nbytes].view(dtype)
-
-
-def _heads_first(arrays, scales):
-    """For each (N, H, dh) a, on a thread each: a * scale as (H, N, dh + 1) with ones last (blocks'
-    matmuls read a head's rows in a run; the ones sum or subtract), (H, N) norms, all finite?"""
-    def copy(a, scale):
-        out = np.empty((a.shape[1], a.shape[0], a.shape[2] + 1), a.dtype)
-        np.multiply(a.transpose(1, 0, 2), scale, out=out[..., :-1])
-        out[..., -1] = 1
-        norm = np.sqrt(np.einsum("hnd,hnd->hn", out[..., :-1], out[..., :-1]))
-        return out, norm, np.isfinite(norm.sum())      # an overflow of the squares falls through
-    return zip(*_map_threads(lambda task: copy(*task), list(zip(arrays, scales))))
-
-
-def _buffers(blocks, dtype, shapes):
-    """(b, arrays of the shapes(R, C) list) for each block b, views of one reused buffer."""
-    sizes = lambda b: [math.prod(shape) for shape in shapes(b.R, b.C)]
-    flat = _buffer("dense blocks", max([sum(sizes(b)) for b in blocks], default=0), dtype)
-    for b in blocks:
-        ends = np.cumsum(sizes(b))
-        yield b, [flat[e - n:e].reshape(x) for e, n, x in zip(ends, sizes(b), shapes(b.R, b.C))]
 
 
 def _lanes(blocks):
@@ -944,20 +1093,25 @@ def _lanes(blocks):
 def _map_threads(fn, items):
     """list(map(fn, items)) on Numba's count of threads, this one too, a run of items each (not a
     task each: one costs tens of microseconds to hand to a thread), with denormals as zero."""
-    n, items = min(_threads(), len(items)), list(items)
+    items = list(items)
+    n = min(_threads(), len(items))
     runs = [items[c * len(items) // n:(c + 1) * len(items) // n] for c in range(n)]
 
     def each(run):                      # on x86: see _swap_mxcsr
-        old = None if _NO_DENORMALS is None else _mxcsr(_NO_DENORMALS)
+        old = None
+        if _NO_DENORMALS is not None:
+            old = _mxcsr(_NO_DENORMALS)
         try:
-            return [*map(fn, run)]
+            return [fn(item) for item in run]
         finally:
-            old is None or _mxcsr(np.uint32(old))
+            if old is not None:
+                _mxcsr(np.uint32(old))
     rest = _python_threads(n - 1).map(each, runs[1:]) if n > 1 else []
     try:
         return each(runs[0] if runs else []) + [r for run in rest for r in run]
     finally:
-        [*rest]                       # on an error here, the other threads finish first
+        for _ in rest:                  # on an error here, the other threads finish first
+            pass
 
 
 def _packed(q, k, v):
@@ -980,15 +1134,17 @@ def _matmuls(*products, min_work=2**22):
     cut along its longer side, so each element is one BLAS call's sum, whatever the thread count."""
     outs, blocks = [], []
     for a, b, out, add in products:
-        (M, K), n = a.shape, b.shape[1]
+        M, K = a.shape
+        n = b.shape[1]
         outs.append(np.empty((M, n), np.result_type(a, b)) if out is None else out.reshape(M, n))
         k = max(1, min(_threads() // len(products), M * K * n // min_work))
         for c in (slice(c * max(M, n) // k, (c + 1) * max(M, n) // k) for c in range(k)):
             blocks.append((a, b, outs[-1], add, (c, slice(None)) if M >= n else (slice(None), c)))
 
-    def block(a, b, out, add, cut):
+    def block(task):
+        a, b, out, add, cut = task
         np.matmul(a[cut[0]], b[:, cut[1]], out=out[cut])
         if add is not None:
             out[cut] += add[cut[1]]
-    _map_threads(lambda args: block(*args), blocks)
+    _map_threads(block, blocks)
     return outs

@@ -22,6 +22,8 @@ import gtx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS = gtx.BACKENDS
+# textbook's P V over all N^2 pairs lets 0 * NaN through non-edges, by design (gtx.py says so)
+NAN_SAFE = [b for b in BACKENDS if b != "textbook"]
 F64, F32 = np.float64, np.float32
 PARAM_KEYS = ("Wq", "Wk", "Wv", "bq", "bk", "bv", "Wo", "bo")
 BAD = (ValueError, TypeError)
@@ -314,7 +316,7 @@ def test_large_logits_float32(backend):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")   # NaN inputs: expected
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", NAN_SAFE)
 def test_nan_does_not_reach_nodes_that_do_not_attend_to_it(backend):
     g = make_graph([(0, 1), (1, 2), (2, 0), (3, 0), (4, 4), (1, 4), (5, 5)], 6)   # only node 0 attends to 3
     x, p, _, _ = make_inputs(g, seed=7, bias=False)
@@ -664,7 +666,7 @@ def test_nonfinite_feature_reaches_in_backward_only_what_naive_reaches(graph):
     for bad_node in range(g.num_nodes):
         x, p, dy, _ = make_inputs(g, seed=24, bias=False)
         x[bad_node] = np.nan if bad_node % 2 else np.inf
-        outs = {b: run(b, g, x, p, dy) for b in BACKENDS}
+        outs = {b: run(b, g, x, p, dy) for b in NAN_SAFE}
         want = {k: ~np.isfinite(outs["naive"][k]).reshape(g.num_nodes, -1).any(1) for k in ("y", "dx")}
         j, i = g.edge_index
         near = np.zeros(g.num_nodes, bool)                         # at most two edges away from bad_node
@@ -688,7 +690,7 @@ def test_nonfinite_edge_bias_reaches_only_what_naive_reaches(graph):
     for e in range(0, g.num_edges, max(1, g.num_edges // 6)):
         x, p, dy, eb = make_inputs(g, seed=25)
         eb[e, e % eb.shape[1]] = np.nan if e % 2 else np.inf
-        outs = {b: run(b, g, x, p, dy, eb) for b in BACKENDS}
+        outs = {b: run(b, g, x, p, dy, eb) for b in NAN_SAFE}
         for k in ("y", "dx"):
             want = ~np.isfinite(outs["naive"][k]).reshape(g.num_nodes, -1).any(1)
             for b, out in outs.items():
