@@ -37,18 +37,16 @@ from threadpoolctl import ThreadpoolController
 
 PARAM_KEYS = ("Wq", "Wk", "Wv", "bq", "bk", "bv", "Wo", "bo")
 FLOATS = (np.float32, np.float64)
-_REASSOC = {"reassoc", "contract"}    # Numba may reorder and fuse sums to vectorise; inf, NaN kept
 
 
 # ---------------------------------------------------------------- graph
 
 class Graph:
     """A directed graph: edge e carries a message from j = edge_index[0, e] to i = edge_index[1, e].
-    Graph(edge_index, num_nodes) validates an edge list and sorts it into a CSR by target: node i's
-    in-edges sit at CSR positions indptr[i]:indptr[i+1], with sources src and input edge ids perm
-    (E,). complete_graph, causal_graph and batch_graphs build structured graphs in O(N): node i
-    attends to every j in [lo[i], hi[i]) = ranges (not itself, if not self_loops), edges listed in
-    CSR order, edge_index, src and perm built on first use. ptr (B+1,): a batch's node offsets."""
+    Graph(edge_index, num_nodes) validates an edge list and sorts it into a CSR by target: i's
+    in-edges sit at positions indptr[i]:indptr[i+1], with sources src and input edge ids perm (E,).
+    complete_graph, causal_graph and batch_graphs make structured graphs in O(N): i attends to every
+    j in [lo[i], hi[i]) = ranges (not i if not self_loops), src and the rest built on first use."""
 
     def __init__(self, edge_index, num_nodes):
         N = _count("num_nodes", num_nodes)
@@ -66,7 +64,8 @@ class Graph:
         src, dst = ei.astype(np.int64)
         key = dst * N + src                         # (E,) one integer per (j, i) pair
         order = np.argsort(key, kind="stable")      # (E,) edges sorted by (target, source)
-        dup = order[1:][key[order[1:]] == key[order[:-1]]]
+        same = key[order[1:]] == key[order[:-1]]      # (E-1,) an edge equal to the one before it
+        dup = order[1:][same]
         if dup.size:
             c = dup.min()
             raise ValueError(f"duplicate edge (j, i) = ({src[c]}, {dst[c]}) at edge_index[:, {c}]")
@@ -100,6 +99,7 @@ class Graph:
     def src(self):                  # (E,) in CSR order; a structured graph's ranges laid end to end
         lo, hi = self.ranges
         width = hi - lo                                                 # (N,)
+        # row i's sources run lo[i], lo[i] + 1, ...: one arange, less each row's offset
         src = np.arange(width.sum()) - np.repeat(np.cumsum(width) - width - lo, width)
         return src if self.self_loops else src[src != np.repeat(np.arange(self.num_nodes), width)]
 
@@ -157,7 +157,7 @@ def causal_graph(n, window=None):
     """Edges j -> i for j <= i: a decoder's (GPT's) graph. With window=w, only j in
     [max(0, i-w+1), i], as in sliding-window (local) attention. O(n)."""
     i = np.arange(_count("n", n), dtype=np.int64)
-    lo = 0 * i if window is None else np.maximum(i - _count("window", window, 1) + 1, 0)
+    lo = np.zeros_like(i) if window is None else np.maximum(i - _count("window", window, 1) + 1, 0)
     return Graph._structured(lo, i + 1, True, np.array([0, n]))
 
 
@@ -257,7 +257,7 @@ def _project_backward(dqkv, x, p, grads):
 # Every backend computes the attention between the projections: forward(q, k, v, bias, g) ->
 # (o, cache) and backward(do, cache, dq, dk, dv) -> ds, which writes into the (N, H, dh) dq, dk,
 # dv. bias is None or (E, H) and ds = dL/ds (E, H), the bias's gradient, both in input edge
-# order (dense and sparse return ds = None without a bias).
+# order (all but naive return ds = None without a bias).
 NaiveCache = namedtuple("NaiveCache", "q k v alpha g")
 
 
@@ -298,13 +298,13 @@ def naive_backward(do, cache, dq, dk, dv):
     for e, (j, i) in enumerate(zip(src, dst)):
         dalpha[e] = (do[i] * v[j]).sum(-1)
         dv[j] += alpha[e][:, None] * do[i]
-    # backward of passes 2 and 3, the softmax: ds[e] = alpha[e] (dalpha[e] - dot[i])
-    dot = np.zeros((N, H), q.dtype)                 # (N, H) sum over i's in-edges of alpha dalpha
+    # backward of passes 2 and 3, the softmax: ds[e] = alpha[e] (dalpha[e] - delta[i])
+    delta = np.zeros((N, H), q.dtype)               # (N, H) sum over i's in-edges of alpha dalpha
     for e, i in enumerate(dst):
-        dot[i] += alpha[e] * dalpha[e]
+        delta[i] += alpha[e] * dalpha[e]
     ds = np.empty_like(alpha)                                           # (E, H)
     for e, i in enumerate(dst):
-        ds[e] = alpha[e] * (dalpha[e] - dot[i])
+        ds[e] = alpha[e] * (dalpha[e] - delta[i])
     # backward of pass 1: s[e] = <q[i], k[j]> / sqrt(dh) + bias[e]
     for e, (j, i) in enumerate(zip(src, dst)):
         dq[i] += ds[e][:, None] * k[j] / math.sqrt(dh)
@@ -317,12 +317,12 @@ def naive_backward(do, cache, dq, dk, dv):
 # scores S = Q K^T / sqrt(dh) of all N^2 pairs, -inf where j -> i is not an edge, P = softmax(S),
 # O = P V. textbook_forward is the algorithmic reference of dense_forward, which computes the same
 # by blocks of target rows; it keeps (H, N, N) arrays, so it is for reading and small graphs.
-TextbookCache = namedtuple("TextbookCache", "Q K V P A g has_bias")
+TextbookCache = namedtuple("TextbookCache", "Q K V P alpha g has_bias")
 
 
 def textbook_forward(q, k, v, bias, g):
     N, H, dh = q.shape
-    _check_memory(3 * H * N * N * q.itemsize, f"textbook backend (N={N}, H={H})",
+    _check_memory(5 * H * N * N * q.itemsize, f"textbook backend (N={N}, H={H})",   # backward's
                   "; it keeps (H, N, N) arrays: use backend='dense'")
     Q = q.transpose(1, 0, 2)                                            # (H, N, dh)
     K = k.transpose(1, 0, 2)                                            # (H, N, dh)
@@ -344,19 +344,20 @@ def textbook_forward(q, k, v, bias, g):
     # pass 4: P = softmax(S), l >= 1 unless a row has no edge (then 0 / 1); O = P V
     P /= np.maximum(l, 1)
     O = P @ V                                                           # (H, N, dh)
-    return O.transpose(1, 0, 2), TextbookCache(Q, K, V, P, A, g, bias is not None)
+    alpha = P[:, dst, src].T                                            # (E, H) input order
+    return O.transpose(1, 0, 2), TextbookCache(Q, K, V, P, alpha, g, bias is not None)
 
 
 def textbook_backward(do, cache, dq, dk, dv):
-    Q, K, V, P, A, g, has_bias = cache
+    Q, K, V, P, alpha, g, has_bias = cache
     dh = Q.shape[-1]
     dO = do.transpose(1, 0, 2)                                          # (H, N, dh)
     # backward of pass 4, O = P V: dV = P^T dO, dP = dO V^T
     dv[:] = (P.transpose(0, 2, 1) @ dO).transpose(1, 0, 2)
     dP = dO @ V.transpose(0, 2, 1)                                      # (H, N, N)
     # backward of passes 2 and 3, the softmax: dS = P (dP - delta), delta = rowsum(P dP)
-    delta = np.where(A, P * dP, 0).sum(-1, keepdims=True)              # (H, N, 1)
-    dS = np.where(A, P * (dP - delta), 0)                               # (H, N, N)
+    delta = (P * dP).sum(-1, keepdims=True)                             # (H, N, 1)
+    dS = P * (dP - delta)                                               # (H, N, N), 0 off the edges
     # backward of pass 1, S = Q K^T / sqrt(dh) + bias: dQ = dS K / sqrt(dh), dK = dS^T Q / sqrt(dh)
     dq[:] = (dS @ K / math.sqrt(dh)).transpose(1, 0, 2)
     dk[:] = (dS.transpose(0, 2, 1) @ Q / math.sqrt(dh)).transpose(1, 0, 2)
@@ -364,22 +365,21 @@ def textbook_backward(do, cache, dq, dk, dv):
     return dS[:, dst, src].T if has_bias else None                      # (E, H) input order
 
 
-def textbook_alpha(cache):
-    src, dst = cache.g.edge_index
-    return cache.P[:, dst, src].T                                       # (E, H) input order
-
-
 # ---------------------------------------------------------------- dense, by blocks of rows
-# dense_forward is textbook_forward, otherwise identical, except for these (README: their gains):
+# dense_forward is textbook_forward, otherwise identical, except for these (the time without each
+# over the time with it, on bench's workloads, AMD EPYC; the README has the table):
 # - blocks of target rows, each against only the source columns its rows need (dense_blocks):
 #   nothing N^2 is kept, and the backward recomputes each block's P from lse, as FlashAttention;
-# - pass 2 shifts by a bound instead of the row max (_bound_shift), found before the scores;
-# - columns ride in the matmuls (_heads_first): q's last column holds -c, so pass 1 gives s - c;
-#   v's ones give pass 3's l in pass 4's P V; the backward's -lse and -delta ride alike;
-# - blocks run in lanes, a contiguous run of blocks per thread, each with its own dk and dv;
-# - a block with a non-finite input is cut into rows (_split): inf and NaN reach only what they
-#   reach in naive, where textbook's 0 * NaN at a non-edge would spread them;
-# - scratch arrays are per-thread buffers, reused from call to call (_buffer).
+# - pass 2 shifts by a bound, found before the scores, instead of the row max, which a block takes
+#   only where the bound is too loose (_bound_shift, _sum_too_small): long 1.10x, causal 1.04x;
+# - columns ride in the matmuls, so that no pass over a block adds or sums (_heads_first): q's last
+#   column holds -c, so pass 1 gives s - c; v's ones give pass 3's l in pass 4's P V; in the
+#   backward q's holds -lse and do's -delta: long 1.12x, powerlaw 1.10x, transformer 1.06x;
+# - blocks run in lanes, a contiguous run of blocks per thread, each lane adding into its own dk
+#   and dv (no two threads write a row): powerlaw 1.60x, transformer 1.29x, window 1.25x;
+# - scratch arrays are per-thread buffers, kept from call to call (_buffer): window 1.30x;
+# - for correctness, a block with a non-finite input is cut into rows (_split): inf and NaN reach
+#   only what they reach in naive, where textbook's 0 * NaN at a non-edge spreads them.
 DenseCache = namedtuple("DenseCache", "qh kh vh o lse bias g block_rows bad")
 
 
@@ -403,9 +403,8 @@ class Block(namedtuple("Block", "rows cols ragged mask", defaults=[None, None]))
 
 
 def dense_blocks(g, block_rows=None):
-    """The blocks of target rows, built once per graph, keeping the graphs of a batch whole where
-    they fit in block_rows: by default 256 where targets have 256 in-edges or more on average, else
-    128 (bigger blocks make bigger matmuls; smaller ones waste less on windows and small graphs)."""
+    """The blocks of target rows, built once per graph, a batch's graphs whole where they fit: rows
+    256 where targets average 256 in-edges or more, else 128 (smaller wastes less on windows)."""
     R = block_rows or (256 if g.num_edges >= 256 * g.num_nodes else 128)
 
     def plan():
@@ -456,9 +455,9 @@ def _masked(g, block_rows):
 
 
 def dense_bytes(g, n_heads, dtype, edge_bias=False, block_rows=None):
-    """Bytes dense needs beyond arrays the size of q (q, k, v, do heads first, o, 2 a thread for dk,
-    dv): per thread three (H, R, C) blocks (s, dP, then pv or t, no bigger while R >= dh and C > dh;
-    four with a bias), a bias's (E, H) copy and gradient, and masks (4 bytes a pair, per graph)."""
+    """Bytes dense needs beyond arrays the size of q: per thread three (H, R, C) blocks (s, dP, and
+    pv or t, smaller where R >= dh and C > dh; four with a bias), a bias's (E, H) copy and gradient,
+    and masks, float32 whatever the dtype (0 or -inf either way), 4 bytes a pair, kept per graph."""
     blocks = dense_blocks(g, block_rows)
     item = np.dtype(dtype).itemsize
     cells = max([b.R * b.C for b in blocks], default=0)
@@ -489,9 +488,8 @@ def _block_edges(g, b):
 
 
 def _heads_first(arrays, scales):
-    """For each (N, H, dh) a, on a thread each: a * scale as (H, N, dh + 1), a head's rows in one
-    run for the blocks' matmuls, with a last column of ones to ride in them; also the (H, N) norms
-    of a * scale, and whether they are all finite (an overflow of the squares counts as not)."""
+    """For each (N, H, dh) a, on a thread each: a * scale heads first, (H, N, dh + 1), with a last
+    column of ones to ride in the matmuls; its (H, N) norms; whether they are all finite."""
     def copy(task):
         a, scale = task
         out = np.empty((a.shape[1], a.shape[0], a.shape[2] + 1), a.dtype)
@@ -511,8 +509,8 @@ def _bound_shift(q_norm, k_norm, b):
 
 
 def _sum_too_small(l, g, b):
-    """Whether the bound was too loose for block b: a row with edges has l < 2^-40, or NaN. Above
-    that, a term that denormals-as-zero flushes (below 2^-126) is below 2^-86 of its row's sum."""
+    """Whether the bound was too loose for block b: a row with edges has l < 2^-40, or NaN. From
+    2^-40 up, a term flushed as a denormal (below 2^-126) is below 2^-86 of its row's sum."""
     edges = np.diff(g.indptr[b.rows.start:b.rows.stop + 1]) > 0                 # (R,)
     return not (l >= 2.0**-40)[:, edges].all()
 
@@ -561,8 +559,7 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
     bias = _to_csr(bias, g)                        # (E, H) blocks read their edges in CSR order
     o = np.empty_like(q)                                                # (N, H, dh)
     lse = np.empty((N, H), q.dtype)                                     # (N, H) c + log l
-    heads, norms, finite = _heads_first((q, k, v), (1, 1 / math.sqrt(dh), 1))
-    qh, kh, vh = heads                                                  # (H, N, dh + 1) each
+    (qh, kh, vh), norms, finite = _heads_first((q, k, v), (1, 1 / math.sqrt(dh), 1))  # (H, N, dh+1)
     bad = None if all(finite) else _nonfinite(q, k, v)
 
     def attend(b, s, pv, bound):                   # passes 1-4 of block b; -> the shift c (H, R)
@@ -587,7 +584,7 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
             if bias is None and _sum_too_small(pv[..., dh], g, b):
                 c = attend(b, s, pv, False)
             l = pv[..., dh]                                              # (H, R)
-            l[l == 0] = 1                               # only in rows without edges: o = 0 / 1
+            l[l == 0] = 1             # rows without edges: o = 0 / 1 (other l may be < 1: c > max)
             # pass 4: o = P V / l
             np.divide(pv[..., :dh].transpose(1, 0, 2), l.T[..., None], out=o[b.rows])
             lse[b.rows] = (c + np.log(l)).T             # P = exp(s - lse)
@@ -600,9 +597,8 @@ def dense_backward(do, cache, dq, dk, dv):
     qh, kh, vh, o, lse, bias, g, block_rows, bad = cache
     N, H, dh = do.shape
     ds_edges = None if bias is None else np.empty_like(bias)            # (E, H) CSR order
-    heads, _, finite = _heads_first((do,), (1,))        # a bias's inf shows in o
-    doh = heads[0]                                      # (H, N, dh + 1): [do, -delta]
-    if bad is not None or bias is not None or not finite[0]:
+    (doh,), _, (finite,) = _heads_first((do,), (1,))    # (H, N, dh + 1): [do, -delta] below
+    if bad is not None or bias is not None or not finite:   # a bias's inf shows in o
         bad = _nonfinite(o, do, bad=bad)
     lanes = _lanes(_split(_masked(g, block_rows), g, bad))
     doh[..., dh] = -np.einsum("nhd,nhd->hn", do, o)    # delta = rowsum(P dP) = <do, o>
@@ -664,6 +660,7 @@ def dense_alpha(cache):
 # order: the same bits for any thread count. No OpenMP: GNU OpenMP kills a forked child that uses
 # it. Each kernel asks for the rows of the edge _AHEAD on (see _prefetch at the end).
 SparseCache = namedtuple("SparseCache", "qkv o alpha g has_bias")
+_REASSOC = {"reassoc", "contract"}    # Numba may reorder and fuse sums to vectorise; inf, NaN kept
 SparseIndex = namedtuple("SparseIndex", "t_indptr t_pos t_dst")
 
 
@@ -742,9 +739,9 @@ def _sparse_backward_targets(do, qkv, o, alpha, dqkv, ds, indptr, src, i0, i1):
     scale = qkv.dtype.type(1 / np.sqrt(dh))
     for i in range(i0, i1):
         for h in range(H):
-            dot = qkv.dtype.type(0)                 # sum_e alpha_e dalpha_e = <do_i, o_i>
+            delta = qkv.dtype.type(0)               # sum_e alpha_e dalpha_e = <do_i, o_i>
             for d in range(dh):
-                dot += do[i, h, d] * o[i, h, d]
+                delta += do[i, h, d] * o[i, h, d]
                 dqkv[i, 0, h, d] = 0
             for e in range(indptr[i], indptr[i + 1]):
                 if h == 0 and e + _AHEAD < src.size:        # once per edge: h is the outer loop
@@ -754,7 +751,7 @@ def _sparse_backward_targets(do, qkv, o, alpha, dqkv, ds, indptr, src, i0, i1):
                 for d in range(dh):
                     da += do[i, h, d] * qkv[j, 2, h, d]
                 # backward of passes 2 and 3, the softmax; of pass 1, s = <q_i, k_j> / sqrt(dh)
-                ds[e, h] = alpha[e, h] * (da - dot)
+                ds[e, h] = alpha[e, h] * (da - delta)
                 for d in range(dh):
                     dqkv[i, 0, h, d] += ds[e, h] * scale * qkv[j, 1, h, d]
 
@@ -803,7 +800,8 @@ def sparse_backward(do, cache, dq, dk, dv):
 
 Backend = namedtuple("Backend", "forward backward alpha")      # alpha(cache): (E, H), input order
 BACKENDS = {"naive": Backend(naive_forward, naive_backward, lambda cache: cache.alpha.copy()),
-            "textbook": Backend(textbook_forward, textbook_backward, textbook_alpha),
+            "textbook": Backend(textbook_forward, textbook_backward,
+                                lambda cache: cache.alpha.copy()),
             "dense": Backend(dense_forward, dense_backward, dense_alpha),
             "sparse": Backend(sparse_forward, sparse_backward,
                               lambda cache: _input_order(cache.alpha, cache.g))}
@@ -821,7 +819,6 @@ def forward(x, g, params, backend="auto", edge_bias=None):
     if x.ndim != 2 or x.shape[0] != g.num_nodes:
         raise ValueError(f"x must have shape (num_nodes={g.num_nodes}, D), got {x.shape}")
     p = _check_params(params, x.shape[1], x.dtype)
-    N = len(x)
     H, dh, D = p["Wo"].shape
     if edge_bias is not None:
         edge_bias = _as_float_array("edge_bias", edge_bias, x.dtype, (g.num_edges, H))
@@ -830,7 +827,7 @@ def forward(x, g, params, backend="auto", edge_bias=None):
     with _one_blas_thread():
         q, k, v = _project(x, p)                                        # (N, H, dh) each
         o, attention = BACKENDS[backend].forward(q, k, v, edge_bias, g)
-        y, = _matmuls(Product(o.reshape(N, H * dh), p["Wo"].reshape(H * dh, D), add=p["bo"]))
+        y = _matmuls(Product(o.reshape(-1, H * dh), p["Wo"].reshape(H * dh, D), add=p["bo"]))[0]
     return y, Cache(backend, x, p, o, attention, edge_bias is not None)
 
 
@@ -865,9 +862,8 @@ def attention_weights(cache):
     return BACKENDS[cache.backend].alpha(cache.attention)
 
 
-# Seconds, fitted to the attention alone (forward and backward, float32, no bias, 2 threads of a
-# 2-core Xeon) on 28 graphs, bench.py's among them: per call, dense block, sparse node, per pair of
-# a block (or edge) and head, and per multiply-add of each. float64 costs about twice as much.
+# Seconds of the attention alone (forward and backward, float32, no bias, 2 threads of a 2-core
+# Xeon) fitted on 28 graphs: per call, block, node, (row, column) pair or edge and head, and MAC.
 COST = dict(dense_call=1.0e-3, dense_block=2.2e-4, dense_pair=2.9e-9, dense_mac=4.2e-11,
             sparse_call=2.2e-4, sparse_edge=1.0e-8, sparse_mac=4.9e-10, sparse_node=2.4e-7)
 
@@ -983,7 +979,7 @@ def _node_ranges(g, by_source=False):
     return g.derived(("ranges", by_source, _threads()), build)
 
 
-_AHEAD = 8                              # edges prefetched ahead
+_AHEAD = 8              # edges prefetched ahead: sparse 1.68x, powerlaw 1.25x faster than none
 _LINE = 64                              # cache line bytes
 
 
@@ -1038,23 +1034,21 @@ def _threads():                         # Numba's thread count (NUMBA_NUM_THREAD
 
 
 _BLAS = ThreadpoolController()
-_BLAS_LOCK = threading.Lock()
-_BLAS_HOLD = {"calls": 0}           # gtx calls running now, and the limit to restore after them
+_BLAS_HOLD = {"calls": 0, "lock": threading.Lock()}    # gtx calls running, the limit to restore
 
 
 @contextlib.contextmanager
 def _one_blas_thread():
     """BLAS on one thread while any gtx call runs (the first call in sets it, the last one out
-    restores it), and Python threads, as many as Numba's, split the work instead: idle BLAS
-    threads spin after each call on the cores the next step needs; idle Python threads sleep."""
-    with _BLAS_LOCK:
+    restores it); gtx's threads split the work instead: idle BLAS threads spin, idle ones sleep."""
+    with _BLAS_HOLD["lock"]:
         if _BLAS_HOLD["calls"] == 0:
             _BLAS_HOLD["limit"] = _BLAS.limit(limits=1, user_api="blas")
         _BLAS_HOLD["calls"] += 1
     try:
         yield
     finally:
-        with _BLAS_LOCK:
+        with _BLAS_HOLD["lock"]:
             _BLAS_HOLD["calls"] -= 1
             if _BLAS_HOLD["calls"] == 0:
                 _BLAS_HOLD["limit"].restore_original_limits()
@@ -1065,8 +1059,13 @@ def _python_threads(n):                # a pool per thread count, made on first 
     return ThreadPoolExecutor(n)
 
 
-if hasattr(os, "register_at_fork"):                    # POSIX: a forked child has no threads
-    os.register_at_fork(after_in_child=_python_threads.cache_clear)
+def _after_fork_in_child():             # the parent's other threads, inside gtx or not, are gone
+    _python_threads.cache_clear()
+    _BLAS_HOLD.update(calls=0, lock=threading.Lock())
+
+
+if hasattr(os, "register_at_fork"):     # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _THREAD = threading.local()
@@ -1110,7 +1109,7 @@ def _map_threads(fn, items):
     try:
         return each(runs[0] if runs else []) + [r for run in rest for r in run]
     finally:
-        for _ in rest:                  # on an error here, the other threads finish first
+        for _ in rest:                  # wait for the other threads, also when this one raised
             pass
 
 
@@ -1131,7 +1130,8 @@ Product = namedtuple("Product", "a b out add", defaults=[None, None])  # a @ b (
 
 def _matmuls(*products, min_work=2**22):
     """[a @ b (+ add, an (n,) row) for each Product], at once on Python threads: each (M, n) result
-    cut along its longer side, so each element is one BLAS call's sum, whatever the thread count."""
+    cut along its longer side, so each element is one BLAS call's sum, whatever the thread count.
+    A cut has min_work multiply-adds or more: 2^22 take ~90 us on a thread, a handoff ~50 us."""
     outs, blocks = [], []
     for a, b, out, add in products:
         M, K = a.shape

@@ -2,7 +2,7 @@
 
 Three layers, each trusting only the one before it:
   1. float64 central differences check every gradient of every backend;
-  2. the three backends agree on corner-case and random graphs;
+  2. the four backends agree on corner-case and random graphs;
   3. on complete / causal graphs the layer equals textbook (GPT-style) attention.
 Then: attention-weight invariants, stability, bad input, positional encodings,
 per-edge bias, a small training run, and the benchmark smoke test.
@@ -844,8 +844,7 @@ def test_import_leaves_the_environment_unchanged():
             "g = gtx.random_graph(50, avg_degree=3, rng=0); x = numpy.ones((50, 8)); "
             "y, c = gtx.forward(x, g, gtx.init_params(8, 2), backend='sparse'); gtx.backward(y, c); "
             "print(sorted(set(os.environ.items()) ^ set(before.items())))")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]", f"import gtx changed os.environ: {r.stdout}"
 
@@ -1130,3 +1129,39 @@ def test_concurrent_threads_match_serial_calls():
         got = list(pool.map(parallel_work, cases))
     for n, (case, g) in enumerate(zip(cases, got)):
         assert_same_bits(g, want[n % len(PARALLEL_CASES)], f"thread call {n}, {case}")
+
+
+def work_and_hold(case):
+    """parallel_work in a worker, and gtx's count of calls holding BLAS to one thread after it."""
+    return parallel_work(case), gtx._BLAS_HOLD["calls"]
+
+
+def test_fork_while_another_thread_is_inside_gtx():
+    """Workers forked while one of the parent's threads is in a gtx call match the parent's
+    results, and gtx's BLAS hold starts afresh in them (the parent's call never ends there)."""
+    import multiprocessing
+    import threading
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork start method on this platform")
+    want = [parallel_work(case) for case in PARALLEL_CASES]     # compiled before any fork
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            parallel_work(("dense", "complete"))
+    thread = threading.Thread(target=busy)
+    thread.start()
+    try:
+        while gtx._BLAS_HOLD["calls"] == 0:                     # until busy is inside gtx
+            time.sleep(0.001)
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            try:
+                got = pool.map_async(work_and_hold, PARALLEL_CASES).get(timeout=120)
+            except multiprocessing.TimeoutError:
+                pytest.fail("a Pool forked while a thread was inside gtx gave no result in 120 s")
+    finally:
+        stop.set()
+        thread.join()
+    for case, (g, calls), w in zip(PARALLEL_CASES, got, want):
+        assert_same_bits(g, w, f"fork worker, {case}")
+        assert calls == 0, f"fork worker, {case}: {calls} gtx calls still hold BLAS after its own"
