@@ -112,9 +112,6 @@ class Graph:
             self._derived[key] = build()
         return self._derived[key]
 
-    def __repr__(self):
-        return f"Graph(num_nodes={self.num_nodes}, num_edges={self.num_edges})"
-
 
 def _count(name, n, low=0):
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
@@ -366,8 +363,7 @@ def textbook_backward(do, cache, dq, dk, dv):
 
 
 # ---------------------------------------------------------------- dense, by blocks of rows
-# dense_forward is textbook_forward, otherwise identical, except for these (the time without each
-# over the time with it, on bench's workloads, AMD EPYC; the README has the table):
+# dense_forward is textbook_forward, otherwise identical, except (time without each / with, EPYC):
 # - blocks of target rows, each against only the source columns its rows need (dense_blocks):
 #   nothing N^2 is kept, and the backward recomputes each block's P from lse, as FlashAttention;
 # - pass 2 shifts by a bound, found before the scores, instead of the row max, which a block takes
@@ -386,7 +382,6 @@ DenseCache = namedtuple("DenseCache", "qh kh vh o lse bias g block_rows bad")
 class Block(namedtuple("Block", "rows cols ragged mask", defaults=[None, None])):
     """rows: a slice of targets; cols: their sources, a slice or a sorted array; ragged: a slice
     of cols where some pair is not an edge, or None; mask (R, ragged): 0 at edges, else -inf."""
-
     @property
     def R(self):
         return self.rows.stop - self.rows.start
@@ -455,9 +450,8 @@ def _masked(g, block_rows):
 
 
 def dense_bytes(g, n_heads, dtype, edge_bias=False, block_rows=None):
-    """Bytes dense needs beyond arrays the size of q: per thread three (H, R, C) blocks (s, dP, and
-    pv or t, smaller where R >= dh and C > dh; four with a bias), a bias's (E, H) copy and gradient,
-    and masks, float32 whatever the dtype (0 or -inf either way), 4 bytes a pair, kept per graph."""
+    """Bytes dense needs beyond arrays the size of q: per thread three (H, R, C) blocks (s, dP, pv
+    or t; four with a bias), a bias's (E, H) copy and gradient, float32 masks (4 bytes a pair)."""
     blocks = dense_blocks(g, block_rows)
     item = np.dtype(dtype).itemsize
     cells = max([b.R * b.C for b in blocks], default=0)
@@ -658,7 +652,8 @@ def dense_alpha(cache):
 # targets each (targets are independent). Key and value gradients land on sources, so a second
 # pass over the transposed CSR makes them instead of racing. One thread sums each node in a fixed
 # order: the same bits for any thread count. No OpenMP: GNU OpenMP kills a forked child that uses
-# it. Each kernel asks for the rows of the edge _AHEAD on (see _prefetch at the end).
+# it. Each kernel asks for the rows of the edge _AHEAD on (see _prefetch at the end); divisions,
+# never by 0, go unchecked (error_model="numpy"), as Numba compiles prange loops.
 SparseCache = namedtuple("SparseCache", "qkv o alpha g has_bias")
 _REASSOC = {"reassoc", "contract"}    # Numba may reorder and fuse sums to vectorise; inf, NaN kept
 SparseIndex = namedtuple("SparseIndex", "t_indptr t_pos t_dst")
@@ -678,7 +673,7 @@ def _sparse_index(g):
     return g.derived("sparse", build)
 
 
-@nb.njit(nogil=True, cache=True, fastmath=_REASSOC)
+@nb.njit(nogil=True, cache=True, fastmath=_REASSOC, error_model="numpy")
 def _sparse_forward_kernel(qkv, bias, indptr, src, i0, i1, o, alpha):
     """o[i0:i1] and the alpha of their in-edges."""
     N, _, H, dh = qkv.shape
@@ -719,12 +714,17 @@ def _sparse_forward_kernel(qkv, bias, indptr, src, i0, i1, o, alpha):
                 o[i, h, d] = acc[h, d] / den[h]
 
 
+@nb.njit(cache=True)
+def _empty_outputs(qkv, E):             # numpy's fresh pages, advised huge, fault in ~40% slower
+    N, _, H, dh = qkv.shape
+    return np.empty((N, H, dh), qkv.dtype), np.empty((E, H), qkv.dtype)
+
+
 def sparse_forward(q, k, v, bias, g):
-    N, H, dh = q.shape
-    _check_memory(sparse_bytes(g, H, q.dtype, bias is not None),
+    _check_memory(sparse_bytes(g, q.shape[1], q.dtype, bias is not None),
                   f"sparse backend ({g.num_edges:,} edges)")
     qkv, bias = _packed(q, k, v), _to_csr(bias, g)                     # (N, 3, H, dh)
-    o, alpha = np.empty((N, H, dh), q.dtype), np.empty((g.num_edges, H), q.dtype)
+    o, alpha = _empty_outputs(qkv, g.num_edges)                        # (N, H, dh), (E, H)
 
     def targets(nodes):
         _sparse_forward_kernel(qkv, bias, g.indptr, g.src, *nodes, o, alpha)
@@ -732,7 +732,7 @@ def sparse_forward(q, k, v, bias, g):
     return o, SparseCache(qkv, o, alpha, g, bias is not None)  # alpha (E, H) kept for the backward
 
 
-@nb.njit(nogil=True, cache=True, fastmath=_REASSOC)
+@nb.njit(nogil=True, cache=True, fastmath=_REASSOC, error_model="numpy")
 def _sparse_backward_targets(do, qkv, o, alpha, dqkv, ds, indptr, src, i0, i1):
     """ds (E, H), and dq into dqkv[:, 0], for targets i0:i1: every write lands on their rows."""
     N, _, H, dh = qkv.shape
@@ -756,7 +756,7 @@ def _sparse_backward_targets(do, qkv, o, alpha, dqkv, ds, indptr, src, i0, i1):
                     dqkv[i, 0, h, d] += ds[e, h] * scale * qkv[j, 1, h, d]
 
 
-@nb.njit(nogil=True, cache=True, fastmath=_REASSOC)
+@nb.njit(nogil=True, cache=True, fastmath=_REASSOC, error_model="numpy")
 def _sparse_backward_sources(do, qkv, alpha, ds, dqkv, t_indptr, t_pos, t_dst, j0, j1):
     """dk and dv into dqkv[:, 1:] for sources j0:j1, over the transposed CSR: writes land on j."""
     N, _, H, dh = qkv.shape
