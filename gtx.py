@@ -712,12 +712,6 @@ def _sparse_forward_kernel(qkv, bias, indptr, src, i0, i1, o, alpha):
                 o[i, h, d] = acc[h, d] / den[h]
 
 
-@nb.njit(cache=True)
-def _empty_outputs(qkv, E):             # numpy's fresh pages, advised huge, fault in ~40% slower
-    N, _, H, dh = qkv.shape
-    return np.empty((N, H, dh), qkv.dtype), np.empty((E, H), qkv.dtype)
-
-
 def sparse_forward(q, k, v, bias, g):
     _check_memory(sparse_bytes(g, q.shape[1], q.dtype, bias is not None),
                   f"sparse backend ({g.num_edges:,} edges)")
@@ -1111,6 +1105,12 @@ def _map_threads(fn, items):
     finally:
         for _ in rest:                  # wait for the other threads, also when this one raised
             pass
+
+
+@nb.njit(cache=True)
+def _empty_outputs(qkv, E):     # sparse's o, alpha: numpy's fresh pages, advised huge, fault slower
+    N, _, H, dh = qkv.shape
+    return np.empty((N, H, dh), qkv.dtype), np.empty((E, H), qkv.dtype)
 
 
 def _packed(q, k, v):
