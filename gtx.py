@@ -633,7 +633,7 @@ def dense_backward(do, cache, dq, dk, dv):
 
 def dense_alpha(cache):
     qh, kh, vh, o, lse, bias, g, block_rows, bad = cache
-    H, N, _ = qh.shape
+    H = len(qh)
     alpha = np.empty((g.num_edges, H), qh.dtype)                        # (E, H) CSR order
 
     def lane(blocks):                   # as the forward's lanes, on its threads
