@@ -5,11 +5,12 @@ A Transformer layer is graph attention on the complete graph. The dense backend 
 of target rows with matmuls (BLAS, hundreds of GFLOP/s); the sparse backend does only the edges'
 work, in per-edge Numba kernels that run far slower per FLOP. This script times both on
 Transformer-like, structured and sparse graphs, finds the density where they cost the same, and
-then measures what the graph buys in learning (positional encodings against the true edges).
+then measures what the graph buys in learning (positional encodings against the true edges), and
+trains a small GPT, gtx's Transformer blocks on causal graphs, on Python's own documentation.
 
-    python bench.py                  # the default run: about 2 minutes on 2 cores
+    python bench.py                  # the default run: about 3 minutes on 2 cores
     python bench.py --quick          # a tiny version in seconds (the tests run it)
-    python bench.py --only learn     # one part: lottery or learn
+    python bench.py --only gpt       # one part: lottery, learn or gpt
     python bench.py --dtype float64 --threads 1 --json out.json --plot out.png
 
 Rows print as they are measured; progress goes to stderr. The plot goes to bench-latest.png
@@ -19,6 +20,7 @@ unless --plot says where (the README's figure is bench.png).
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import json
 import math
 import os
@@ -45,7 +47,7 @@ def config(quick):
     """Workloads (name, graph spec, D, H, dh) and budgets. The density sweep's 5% point is mid."""
     if quick:                                   # the same code paths on tiny shapes
         return dict(repeats=3, row_budget=2.0, naive_max_edges=5000, memory=("transformer",),
-                    n=256, densities=(0.01, 0.05, 0.3, 1.0), sweep_dims=(32, 2, 16), learn="quick",
+                    n=256, densities=(0.01, 0.05, 0.3, 1.0), sweep_dims=(32, 2, 16), learn="quick", gpt="quick",
                     workloads=[("small", ("random", 200, 8), 16, 2, 8),
                                ("transformer", ("complete", 128), 32, 2, 16),
                                ("sparse", ("random", 4000, 8), 16, 2, 8),
@@ -56,7 +58,7 @@ def config(quick):
                                ("long", ("complete", 512), 32, 2, 16)])
     return dict(repeats=5, row_budget=10.0, naive_max_edges=20_000, memory="all", n=2048,
                 densities=(0.001, 0.003, 0.01, 0.03, 0.05, 0.1, 0.3, 1.0), sweep_dims=(128, 4, 32),
-                learn="default", workloads=[("small", ("random", 1000, 16), 64, 4, 16),
+                learn="default", gpt="default", workloads=[("small", ("random", 1000, 16), 64, 4, 16),
                                             ("transformer", ("complete", 1024), 256, 4, 64),
                                             ("sparse", ("random", 20000, 16), 64, 4, 16),
                                             ("powerlaw", ("ba", 10000, 8), 64, 4, 16),
@@ -378,19 +380,29 @@ def train_arm(arm, train, test, seed, steps, batch=16, d_x=8, k=8, H=4, lr=3e-2)
     if arm == "complete+edge_bias":
         P["edge_b"] = np.zeros(H)                 # starts as plain complete: edges must be learned
     batches = [learn_batch(arm, train[i:i + batch], k) for i in range(0, len(train), batch)]
-    m, v = ({n: np.zeros_like(p) for n, p in P.items()} for _ in range(2))
+    state = adam_state(P)
     for step in range(1, steps + 1):
         b = batches[step % len(batches)]
         if arm == "complete+laplacian":           # eigenvector signs are arbitrary: flip per graph
             flips = np.repeat(rng.choice([-1.0, 1.0], (len(b["sizes"]), k)), b["sizes"], 0)
             b = dict(b, z=np.concatenate([b["z"][:, :d_x], b["z"][:, d_x:] * flips], 1))
         _, grads = learn_loss(P, b, d_x)
-        for n in P:                               # Adam, bias-corrected
-            m[n] = 0.9 * m[n] + 0.1 * grads[n]
-            v[n] = 0.999 * v[n] + 0.001 * grads[n] ** 2
-            P[n] -= lr * (m[n] / (1 - 0.9 ** step)) / (np.sqrt(v[n] / (1 - 0.999 ** step)) + 1e-8)
+        adam(P, grads, state, step, lr)
     b = learn_batch(arm, test, k)
     return learn_loss(P, b, d_x, with_grads=False)[0] / b["t"].var()
+
+
+def adam_state(P):
+    """Adam's moments m and v, zero, for every entry of P."""
+    return {n: (np.zeros_like(p), np.zeros_like(p)) for n, p in P.items()}
+
+
+def adam(P, grads, state, step, lr, b1=0.9, b2=0.999, eps=1e-8):
+    """One bias-corrected Adam step (Kingma & Ba 2015, as torch.optim.Adam), in place on P."""
+    for n, (m, v) in state.items():
+        m[:] = b1 * m + (1 - b1) * grads[n]
+        v[:] = b2 * v + (1 - b2) * grads[n] ** 2
+        P[n] -= lr * (m / (1 - b1 ** step)) / (np.sqrt(v / (1 - b2 ** step)) + eps)
 
 
 def learn(mode):
@@ -421,6 +433,157 @@ def learn_report(runs, seconds):
                  f"sinusoidal {share('complete+sinusoidal')}, laplacian {share('complete+laplacian')}, "
                  f"edge_bias {share('complete+edge_bias')}")
     return lines
+
+
+# ---------------------------------------------------------------- a GPT is a GNN on the causal graph
+# A character-level language model from gtx's blocks: token embedding plus sinusoidal positions, 2
+# pre-norm blocks on a batch of causal graphs (one per sequence), a linear head and cross-entropy,
+# trained with Adam on the first 90% of Python's own documentation text (pydoc_data.topics) and
+# scored in bits per character on the last 10%, beside unigram and bigram counts of the training
+# text. The text ships with every CPython: nothing is downloaded.
+GPT = dict(test=dict(T=16, B=4, D=16, H=2, steps=10, lr=1e-2),
+           quick=dict(T=32, B=8, D=32, H=2, steps=60, lr=1e-2),
+           default=dict(T=64, B=16, D=64, H=4, steps=900, lr=1e-2))
+GPT_LAYERS = 2
+
+
+def gpt_data():
+    """(vocabulary, train ids, held-out ids): the text's characters as ids, split 90/10."""
+    from pydoc_data.topics import topics
+    text = "".join(topics.values())                 # about 465k characters of Python's docs
+    vocab = sorted(set(text))
+    ids = np.searchsorted(np.array(vocab), np.array(list(text)))
+    cut = int(0.9 * len(ids))
+    return vocab, ids[:cut], ids[cut:]
+
+
+def gpt_init(V, c, rng, dtype):
+    """Embedding (V, D), the blocks' params as "block{l}.{key}", head (D, V) and (V,)."""
+    D = c["D"]
+    P = {"emb": rng.standard_normal((V, D)).astype(dtype)}
+    for layer in range(GPT_LAYERS):
+        for key, a in gtx.init_block(D, c["H"], rng=rng, dtype=dtype).items():
+            P[f"block{layer}.{key}"] = a
+    bound = math.sqrt(6 / (D + V))
+    P["head_W"] = rng.uniform(-bound, bound, (D, V)).astype(dtype)
+    P["head_b"] = np.zeros(V, dtype)
+    return P
+
+
+def gpt_block(P, layer):
+    prefix = f"block{layer}."
+    return {key[len(prefix):]: a for key, a in P.items() if key.startswith(prefix)}
+
+
+def gpt_loss(P, tokens, backend="auto", with_grads=True):
+    """Mean cross-entropy (nats) of predicting tokens[:, 1:] from tokens[:, :-1] (B, T + 1), and
+    the gradient of every entry of P. A batch is one graph: B causal graphs of T nodes."""
+    B, T = tokens.shape[0], tokens.shape[1] - 1
+    inp, tgt = tokens[:, :-1].reshape(-1), tokens[:, 1:].reshape(-1)  # (N,) each, N = B T
+    g = gpt_graph(B, T)
+    pe = np.tile(gtx.sinusoidal_pe(T, P["emb"].shape[1]), (B, 1)).astype(P["emb"].dtype)
+    x, caches = P["emb"][inp] + pe, []                                  # (N, D)
+    for layer in range(GPT_LAYERS):
+        x, cache = gtx.block_forward(x, g, gpt_block(P, layer), backend=backend)
+        caches.append(cache)
+    logits = x @ P["head_W"] + P["head_b"]                               # (N, V)
+    logits -= logits.max(1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))        # (N, V) log-softmax
+    rows = np.arange(tgt.size)
+    loss = -logp[rows, tgt].mean()
+    if not with_grads:
+        return loss, None
+    dlogits = np.exp(logp)                                              # softmax - onehot, / N
+    dlogits[rows, tgt] -= 1
+    dlogits /= tgt.size
+    grads = {"head_W": x.T @ dlogits, "head_b": dlogits.sum(0)}
+    dx = dlogits @ P["head_W"].T
+    for layer in reversed(range(GPT_LAYERS)):
+        dx, block_grads = gtx.block_backward(dx, caches[layer])
+        grads.update({f"block{layer}.{key}": d for key, d in block_grads.items()})
+    grads["emb"] = np.zeros_like(P["emb"])
+    np.add.at(grads["emb"], inp, dx)
+    return loss, grads
+
+
+@functools.cache
+def gpt_graph(B, T):                    # made once: dense's blocks and masks are kept with it
+    return gtx.batch_graphs([gtx.causal_graph(T)] * B)
+
+
+def gpt_batch(ids, rng, B, T):
+    """B random windows of T + 1 characters: (B, T + 1)."""
+    starts = rng.integers(0, ids.size - T - 1, B)
+    return ids[starts[:, None] + np.arange(T + 1)]
+
+
+def gpt_bits(P, ids, T, B):
+    """Held-out bits per character: ids cut into windows of T + 1 overlapping by one, each
+    character after the first predicted once, from the up to T - 1 before it in its window."""
+    n = (ids.size - 1) // T
+    windows = ids[np.arange(n)[:, None] * T + np.arange(T + 1)]         # (n, T + 1)
+    nats = [gpt_loss(P, windows[b:b + B], with_grads=False)[0] * len(windows[b:b + B])
+            for b in range(0, n, B)]
+    return sum(nats) / n / math.log(2), windows
+
+
+def count_bits(train, targets, before, V):
+    """Bits per character of add-one (Laplace) smoothed unigram and bigram counts of train, on the
+    targets, each after the character before it."""
+    uni = np.bincount(train, minlength=V) + 1.0
+    bi = np.ones((V, V))
+    np.add.at(bi, (train[:-1], train[1:]), 1)
+    unigram = -np.log2(uni[targets] / uni.sum()).mean()
+    bigram = -np.log2(bi[before, targets] / bi[before].sum(1)).mean()
+    return float(unigram), float(bigram)
+
+
+def gpt_sample(P, vocab, prompt, n, T, rng, temperature=0.8):
+    """n characters after prompt, each drawn from the model's softmax / temperature."""
+    ids = [vocab.index(ch) for ch in prompt]
+    for _ in range(n):
+        ctx = np.array(ids[-T:])
+        g = gtx.causal_graph(ctx.size)
+        x = P["emb"][ctx] + gtx.sinusoidal_pe(ctx.size, P["emb"].shape[1]).astype(P["emb"].dtype)
+        for layer in range(GPT_LAYERS):
+            x = gtx.block_forward(x, g, gpt_block(P, layer))[0]
+        logits = (x[-1] @ P["head_W"] + P["head_b"]) / temperature       # (V,)
+        p = np.exp(logits - logits.max())
+        ids.append(int(rng.choice(p.size, p=p / p.sum())))
+    return "".join(vocab[i] for i in ids[len(prompt):])
+
+
+def gpt(mode, dtype):
+    """Train, then score: {bits per character of the model and the baselines, seconds, sample}."""
+    c = GPT[mode]
+    rng = np.random.default_rng(SEED)
+    vocab, train, test = gpt_data()
+    P = gpt_init(len(vocab), c, rng, dtype)
+    state = adam_state(P)
+    t0 = time.perf_counter()
+    for step in range(1, c["steps"] + 1):
+        loss, grads = gpt_loss(P, gpt_batch(train, rng, c["B"], c["T"]))
+        adam(P, grads, state, step, c["lr"] * min(1, 2 * (1 - step / (c["steps"] + 1))))
+        if step % 100 == 0 or step == c["steps"]:
+            progress(f"gpt: step {step}/{c['steps']}: train loss {loss / math.log(2):.3f} bits/char")
+    train_s = time.perf_counter() - t0
+    bits, windows = gpt_bits(P, test, c["T"], c["B"])
+    unigram, bigram = count_bits(train, windows[:, 1:].reshape(-1), windows[:, :-1].reshape(-1),
+                                 len(vocab))
+    return dict(bits=float(bits), unigram=unigram, bigram=bigram, train_s=train_s,
+                total_s=time.perf_counter() - t0, chars=int(windows[:, 1:].size), vocab=len(vocab), **c,
+                sample=gpt_sample(P, vocab, "The ", 200, c["T"], np.random.default_rng(SEED)))
+
+
+def gpt_report(r):
+    """The verdict lines and a sample of the model's text, from the measured figures."""
+    return [f"a GPT on causal graphs ({GPT_LAYERS} blocks, D/H {r['D']}/{r['H']}, context {r['T']}, "
+            f"{r['steps']} steps of {r['B']} sequences, {r['train_s']:.0f} s training, "
+            f"{r['total_s']:.0f} s in all):",
+            f"  held-out bits per character: model {r['bits']:.3f}, bigram {r['bigram']:.3f}, "
+            f"unigram {r['unigram']:.3f} ({r['chars']:,} characters)",
+            "  sample after 'The ': " + repr(r["sample"][:60]),
+            "  " + repr(r["sample"][60:120])]
 
 
 # ---------------------------------------------------------------- reporting
@@ -565,13 +728,14 @@ def describe_machine(threads):
 # ---------------------------------------------------------------- main
 
 DTYPE = "float32"
+PARTS = ("lottery", "learn", "gpt")
 
 
 def main():
     global DTYPE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes: runs in seconds")
-    ap.add_argument("--only", choices=("lottery", "learn"), help="run one part only")
+    ap.add_argument("--only", choices=PARTS, help="run one part only")
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--threads", type=int, help="gtx's threads (numba.set_num_threads)")
     ap.add_argument("--json", metavar="PATH", help="write every figure and the machine description")
@@ -593,7 +757,7 @@ def main():
           f"numpy {machine['numpy']} ({', '.join(machine['blas'])}), numba {machine['numba']}")
     result, recs, sweep, lines, peaked = dict(machine=machine, config=cfg), [], [], [], None
     ticks = cpu_ticks()
-    if args.only != "learn":
+    if args.only in (None, "lottery"):
         compile_ = None if args.quick else measure_compile(args.dtype, threads)
         warm_up(dtype)
         print("numba compile of the sparse kernels: " + (
@@ -634,12 +798,15 @@ def main():
                       memory={f"{k[0]} {k[1]}": v for k, v in memory.items()})
         if args.plot or not args.quick:
             plot(args.plot or "bench-latest.png", recs, sweep, cross, n)
-    if args.only != "lottery":
+    if args.only in (None, "learn"):
         t0 = time.perf_counter()
         result["learn_seeds"] = runs = learn(cfg["learn"])
         result["learn"] = {arm: float(np.mean(v)) for arm, v in runs.items()}
         result["learn_s"] = time.perf_counter() - t0
         lines += learn_report(runs, result["learn_s"])
+    if args.only in (None, "gpt"):
+        result["gpt"] = gpt(cfg["gpt"], dtype)
+        lines += gpt_report(result["gpt"])
     print()
     for line in lines:
         print(line)

@@ -314,7 +314,7 @@ def naive_backward(do, cache, dq, dk, dv):
 # scores S = Q K^T / sqrt(dh) of all N^2 pairs, -inf where j -> i is not an edge, P = softmax(S),
 # O = P V. textbook_forward is the algorithmic reference of dense_forward, which computes the same
 # by blocks of target rows; it keeps (H, N, N) arrays, so it is for reading and small graphs.
-TextbookCache = namedtuple("TextbookCache", "Q K V P alpha g has_bias")
+TextbookCache = namedtuple("TextbookCache", "Q K V P g has_bias")
 
 
 def textbook_forward(q, k, v, bias, g):
@@ -340,12 +340,11 @@ def textbook_forward(q, k, v, bias, g):
     # pass 4: P = softmax(S), l >= 1 unless a row has no edge (then 0 / 1); O = P V
     P /= np.maximum(l, 1)
     O = P @ V                                                           # (H, N, dh)
-    alpha = P[:, dst, src].T                                            # (E, H) input order
-    return O.transpose(1, 0, 2), TextbookCache(Q, K, V, P, alpha, g, bias is not None)
+    return O.transpose(1, 0, 2), TextbookCache(Q, K, V, P, g, bias is not None)
 
 
 def textbook_backward(do, cache, dq, dk, dv):
-    Q, K, V, P, alpha, g, has_bias = cache
+    Q, K, V, P, g, has_bias = cache
     dh = Q.shape[-1]
     dO = do.transpose(1, 0, 2)                                          # (H, N, dh)
     # backward of pass 4, O = P V: dV = P^T dO, dP = dO V^T
@@ -631,21 +630,6 @@ def dense_backward(do, cache, dq, dk, dv):
     return None if bias is None else _input_order(ds_edges, g)
 
 
-def dense_alpha(cache):
-    qh, kh, vh, o, lse, bias, g, block_rows, bad = cache
-    H = len(qh)
-    alpha = np.empty((g.num_edges, H), qh.dtype)                        # (E, H) CSR order
-
-    def lane(blocks):                   # as the forward's lanes, on its threads
-        for b in blocks:
-            s = _buffer("dense s", H * b.R * b.C, qh.dtype).reshape(H, b.R, b.C)
-            p = np.exp(_scores(qh, kh, bias, g, b, s), out=s)            # P = exp(s - lse)
-            e, r, c = _block_edges(g, b)                       # P at edges only: no 0 * NaN
-            alpha[e] = p[:, r, c].T
-    _map_threads(lane, _lanes(_masked(g, block_rows)))
-    return _input_order(alpha, g)
-
-
 # ---------------------------------------------------------------- sparse
 # Numba kernels over the target CSR, compiled nogil, run on gtx's threads, a range of targets each.
 # Key and value gradients land on sources: a second pass over the transposed CSR makes them, not
@@ -790,37 +774,26 @@ def sparse_backward(do, cache, dq, dk, dv):
 
 # ---------------------------------------------------------------- API
 
-Backend = namedtuple("Backend", "forward backward alpha")      # alpha(cache): (E, H), input order
-BACKENDS = {"naive": Backend(naive_forward, naive_backward, lambda cache: cache.alpha.copy()),
-            "textbook": Backend(textbook_forward, textbook_backward,
-                                lambda cache: cache.alpha.copy()),
-            "dense": Backend(dense_forward, dense_backward, dense_alpha),
-            "sparse": Backend(sparse_forward, sparse_backward,
-                              lambda cache: _input_order(cache.alpha, cache.g))}
-Cache = namedtuple("Cache", "backend x params o attention has_bias")
+Backend = namedtuple("Backend", "forward backward")
+BACKENDS = {"naive": Backend(naive_forward, naive_backward),
+            "textbook": Backend(textbook_forward, textbook_backward),
+            "dense": Backend(dense_forward, dense_backward),
+            "sparse": Backend(sparse_forward, sparse_backward)}
+Cache = namedtuple("Cache", "backend x params o attention edge_bias")
 
 
 def forward(x, g, params, backend="auto", edge_bias=None):
     """y (N, D) and a cache for backward. edge_bias (E, H), in g's input edge order, is added to
     the scores. backend="auto" takes choose_backend's pick; cache.backend records it."""
-    if not isinstance(g, Graph):
-        raise TypeError(f"g must be a Graph, got {type(g).__name__}")
-    if backend not in (*BACKENDS, "auto"):
-        raise ValueError(f"unknown backend {backend!r}; valid ones: {', '.join(BACKENDS)}, auto")
-    x = _as_float_array("x", x)
-    if x.ndim != 2 or x.shape[0] != g.num_nodes:
-        raise ValueError(f"x must have shape (num_nodes={g.num_nodes}, D), got {x.shape}")
-    p = _check_params(params, x.shape[1], x.dtype)
+    x, p, edge_bias = _check_inputs(x, g, params, backend, edge_bias, PARAM_KEYS)
     H, dh, D = p["Wo"].shape
-    if edge_bias is not None:
-        edge_bias = _as_float_array("edge_bias", edge_bias, x.dtype, (g.num_edges, H))
     if backend == "auto":
         backend = choose_backend(g, H, dh, x.dtype, edge_bias is not None)[0]
     with _one_blas_thread():
         q, k, v = _project(x, p)                                        # (N, H, dh) each
         o, attention = BACKENDS[backend].forward(q, k, v, edge_bias, g)
         y = _matmuls(Product(o.reshape(-1, H * dh), p["Wo"].reshape(H * dh, D), add=p["bo"]))[0]
-    return y, Cache(backend, x, p, o, attention, edge_bias is not None)
+    return y, Cache(backend, x, p, o, attention, edge_bias)
 
 
 def backward(dy, cache):
@@ -828,7 +801,7 @@ def backward(dy, cache):
     The cache holds x and params by reference: change them in place only after backward."""
     if not isinstance(cache, Cache):
         raise TypeError(f"cache must be forward's second value, got {type(cache).__name__}")
-    backend, x, p, o, attention, has_bias = cache
+    backend, x, p, o, attention, edge_bias = cache
     dy = _as_float_array("dy", dy, x.dtype, x.shape)
     N = len(x)
     H, dh, D = p["Wo"].shape
@@ -841,17 +814,22 @@ def backward(dy, cache):
         # backward of the attention, into the (N, 3, H, dh) gradients of q, k, v
         dqkv = _buffer("dqkv", 3 * N * H * dh, dy.dtype).reshape(N, 3, H, dh)
         ds = BACKENDS[backend].backward(do, attention, dqkv[:, 0], dqkv[:, 1], dqkv[:, 2])
-        if has_bias:
+        if edge_bias is not None:
             grads["edge_bias"] = ds                                     # s = ... + edge_bias
         dx = _project_backward(dqkv, x, p, grads)
     return dx, grads
 
 
 def attention_weights(cache):
-    """alpha (E, H) in the graph's input edge order."""
+    """alpha (E, H) in the graph's input edge order, recomputed by the sparse backend whichever
+    backend ran: the backends agree to round-off, and only naive and sparse keep an (E, H) alpha."""
     if not isinstance(cache, Cache):
         raise TypeError(f"cache must be forward's second value, got {type(cache).__name__}")
-    return BACKENDS[cache.backend].alpha(cache.attention)
+    g = cache.attention.g
+    with _one_blas_thread():
+        q, k, v = _project(cache.x, cache.params)                       # (N, H, dh) each
+        alpha = sparse_forward(q, k, v, cache.edge_bias, g)[1].alpha          # (E, H) CSR order
+    return _input_order(alpha, g)
 
 
 # Seconds of the attention alone (forward and backward, float32, no bias, 2 threads of a 2-core
@@ -878,6 +856,22 @@ def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
     return min(cost, key=cost.get), cost
 
 
+def _check_inputs(x, g, params, backend, edge_bias, keys):
+    """x, params (the given keys) and edge_bias checked against g and each other, before any work."""
+    if not isinstance(g, Graph):
+        raise TypeError(f"g must be a Graph, got {type(g).__name__}")
+    if backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"unknown backend {backend!r}; valid ones: {', '.join(BACKENDS)}, auto")
+    x = _as_float_array("x", x)
+    if x.ndim != 2 or x.shape[0] != g.num_nodes:
+        raise ValueError(f"x must have shape (num_nodes={g.num_nodes}, D), got {x.shape}")
+    p = _check_params(params, x.shape[1], x.dtype, keys)
+    if edge_bias is not None:
+        H = p["Wq"].shape[1]
+        edge_bias = _as_float_array("edge_bias", edge_bias, x.dtype, (g.num_edges, H))
+    return x, p, edge_bias
+
+
 def _as_float_array(name, a, dtype=None, shape=None):
     a = np.asarray(a)
     if a.dtype not in FLOATS:
@@ -892,10 +886,10 @@ def _as_float_array(name, a, dtype=None, shape=None):
     return a
 
 
-def _check_params(params, D, dtype):
+def _check_params(params, D, dtype, keys):
     if not isinstance(params, dict):
         raise TypeError(f"params must be a dict, got {type(params).__name__}")
-    missing = [key for key in PARAM_KEYS if key not in params]
+    missing = [key for key in keys if key not in params]
     if missing:
         raise ValueError(f"params is missing {missing}")
     Wq = np.asarray(params["Wq"])
@@ -903,10 +897,186 @@ def _check_params(params, D, dtype):
         raise ValueError(f"x has D={D} features but params['Wq'] has shape {Wq.shape}: "
                          f"Wq must be (D, H, dh)")
     _, H, dh = Wq.shape
+    F = np.size(params.get("b1"))                   # a block's FFN width
     shapes = dict(Wq=(D, H, dh), Wk=(D, H, dh), Wv=(D, H, dh), bq=(H, dh), bk=(H, dh),
-                  bv=(H, dh), Wo=(H, dh, D), bo=(D,))
-    return {key: _as_float_array(f"params['{key}']", params[key], dtype, shape)
-            for key, shape in shapes.items()}
+                  bv=(H, dh), Wo=(H, dh, D), bo=(D,), ln1_w=(D,), ln1_b=(D,), ln2_w=(D,),
+                  ln2_b=(D,), W1=(D, F), b1=(F,), W2=(F, D), b2=(D,))
+    return {key: _as_float_array(f"params['{key}']", params[key], dtype, shapes[key]) for key in keys}
+
+
+# ---------------------------------------------------------------- block
+# A Transformer layer is a GNN layer: attention aggregates each node's in-neighbours, then a
+# residual, LayerNorm and a position-wise FFN update every node on its own. No dropout.
+#   norm_first=True:  h = x + Attn(LN1(x)),  y = h + FFN(LN2(h))      (GPT-2's pre-norm)
+#   norm_first=False: h = LN1(x + Attn(x)),  y = LN2(h + FFN(h))      (the original post-norm)
+#   LN(z) = (z - mean(z)) / sqrt(var(z) + eps) * w + b, per node, over D features (biased var)
+#   FFN(z) = act(z W1 + b1) W2 + b2, act relu or gelu(a) = a Phi(a), Phi the normal CDF (exact)
+BLOCK_KEYS = PARAM_KEYS + ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "W1", "b1", "W2", "b2")
+ACTIVATIONS = ("relu", "gelu")
+BlockCache = namedtuple("BlockCache", "backend attention ln1 ln2 ffn params norm_first activation")
+
+
+def init_block(d_model, n_heads, d_ff=None, d_head=None, rng=None, dtype=np.float64):
+    """init_params' attention, LayerNorms ln1_w, ln1_b, ln2_w, ln2_b (D,) at 1 and 0, and the FFN's
+    W1 (D, F), b1 (F,), W2 (F, D), b2 (D,): Glorot-uniform weights, zero biases. F = 4 D unless
+    d_ff."""
+    rng = np.random.default_rng(rng)
+    p = init_params(d_model, n_heads, d_head, rng, dtype)
+    D = d_model
+    F = 4 * D if d_ff is None else _count("d_ff", d_ff, 1)
+    bound = math.sqrt(6 / (D + F))                  # Glorot, the same for (D, F) and (F, D)
+    p.update(ln1_w=np.ones(D, dtype), ln1_b=np.zeros(D, dtype), ln2_w=np.ones(D, dtype),
+             ln2_b=np.zeros(D, dtype), b1=np.zeros(F, dtype), b2=np.zeros(D, dtype))
+    p["W1"] = rng.uniform(-bound, bound, (D, F)).astype(dtype)
+    p["W2"] = rng.uniform(-bound, bound, (F, D)).astype(dtype)
+    return p
+
+
+def layernorm_forward(z, w, b, eps):
+    """LN(z) (N, D), normalised per node over its D features, with the biased variance (as torch)."""
+    mean = z.mean(1, keepdims=True)                                     # (N, 1)
+    rstd = 1 / np.sqrt(z.var(1, keepdims=True) + eps)                   # (N, 1)
+    zhat = (z - mean) * rstd                                            # (N, D)
+    return zhat * w + b, (zhat, rstd, w)
+
+
+def layernorm_backward(dout, cache):
+    """dz, dw, db of out = zhat w + b, zhat = (z - mean) rstd. In closed form (llm.c's
+    doc/layernorm): dz = rstd (dzhat - mean(dzhat) - zhat mean(dzhat zhat)), means over D."""
+    zhat, rstd, w = cache
+    dzhat = dout * w                                                    # (N, D)
+    dz = rstd * (dzhat - dzhat.mean(1, keepdims=True)
+                 - zhat * (dzhat * zhat).mean(1, keepdims=True))        # (N, D)
+    return dz, (dout * zhat).sum(0), dout.sum(0)
+
+
+@nb.vectorize(["float32(float32)", "float64(float64)"], cache=True)
+def _erf(a):                            # NumPy has no erf; Numba compiles math.erf, one per dtype
+    return math.erf(a)
+
+
+def ffn_forward(z, p, activation):
+    """FFN(z) = act(z W1 + b1) W2 + b2, (N, D) -> (N, D); the cache keeps z, a and act(a)."""
+    a = z @ p["W1"] + p["b1"]                                           # (N, F)
+    if activation == "relu":
+        f = np.maximum(a, 0)                                            # (N, F)
+    else:
+        f = a * (1 + _erf(a / math.sqrt(2))) / 2                        # (N, F) a Phi(a)
+    return f @ p["W2"] + p["b2"], (z, a, f, activation)
+
+
+def ffn_backward(dout, cache, p, grads):
+    """dz of ffn_forward; dW1, db1, dW2, db2 into grads."""
+    z, a, f, activation = cache
+    # backward of out = f W2 + b2
+    grads["W2"], grads["b2"] = f.T @ dout, dout.sum(0)
+    df = dout @ p["W2"].T                                               # (N, F)
+    # backward of f = act(a): relu' = [a > 0]; gelu' = Phi(a) + a phi(a), phi the normal density
+    if activation == "relu":
+        da = df * (a > 0)
+    else:
+        da = df * ((1 + _erf(a / math.sqrt(2))) / 2 + a * np.exp(-a * a / 2) / math.sqrt(2 * math.pi))
+    # backward of a = z W1 + b1
+    grads["W1"], grads["b1"] = z.T @ da, da.sum(0)
+    return da @ p["W1"].T
+
+
+def block_forward(x, g, params, norm_first=True, activation="gelu", eps=1e-5, backend="auto",
+                  edge_bias=None):
+    """y (N, D) and a cache for block_backward: the attention of forward(), with backend and
+    edge_bias passed to it (cache.backend records the one that ran), then the node-wise update."""
+    x, p, edge_bias = _check_inputs(x, g, params, backend, edge_bias, BLOCK_KEYS)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; valid ones: relu, gelu")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a number > 0, got {eps!r}")
+    if norm_first:
+        z1, ln1 = layernorm_forward(x, p["ln1_w"], p["ln1_b"], eps)     # (N, D)
+        a, attention = forward(z1, g, p, backend, edge_bias)
+        h = x + a                                                       # (N, D)
+        z2, ln2 = layernorm_forward(h, p["ln2_w"], p["ln2_b"], eps)
+        f, ffn = ffn_forward(z2, p, activation)
+        y = h + f                                                       # (N, D)
+    else:
+        a, attention = forward(x, g, p, backend, edge_bias)
+        h, ln1 = layernorm_forward(x + a, p["ln1_w"], p["ln1_b"], eps)   # (N, D)
+        f, ffn = ffn_forward(h, p, activation)
+        y, ln2 = layernorm_forward(h + f, p["ln2_w"], p["ln2_b"], eps)   # (N, D)
+    return y, BlockCache(attention.backend, attention, ln1, ln2, ffn, p, norm_first, activation)
+
+
+def block_backward(dy, cache):
+    """dx (N, D) and grads, a dict with the keys of params (and "edge_bias" if forward had one)."""
+    if not isinstance(cache, BlockCache):
+        raise TypeError(f"cache must be block_forward's second value, got {type(cache).__name__}")
+    _, attention, ln1, ln2, ffn, p, norm_first, _ = cache
+    dy = _as_float_array("dy", dy, attention.x.dtype, attention.x.shape)
+    grads = {}
+    if norm_first:
+        # backward of y = h + FFN(LN2(h))
+        dz2 = ffn_backward(dy, ffn, p, grads)
+        dh, grads["ln2_w"], grads["ln2_b"] = layernorm_backward(dz2, ln2)
+        dh += dy
+        # backward of h = x + Attn(LN1(x))
+        dz1, attention_grads = backward(dh, attention)
+        dx, grads["ln1_w"], grads["ln1_b"] = layernorm_backward(dz1, ln1)
+        dx += dh
+    else:
+        # backward of y = LN2(h + FFN(h))
+        dr, grads["ln2_w"], grads["ln2_b"] = layernorm_backward(dy, ln2)
+        dh = dr + ffn_backward(dr, ffn, p, grads)
+        # backward of h = LN1(x + Attn(x))
+        dr, grads["ln1_w"], grads["ln1_b"] = layernorm_backward(dh, ln1)
+        dx, attention_grads = backward(dr, attention)
+        dx += dr
+    grads.update(attention_grads)
+    return dx, grads
+
+
+# A block's params under the names of torch.nn.TransformerEncoderLayer.state_dict(). torch's
+# Linear keeps its weight as (out, in), the transpose of gtx's (in, out) W1, W2 and Wo; its
+# in_proj stacks the three (H dh, D) transposes of Wq, Wk, Wv, heads as contiguous dh columns.
+TORCH_NAMES = dict(bo="self_attn.out_proj.bias", W1="linear1.weight", b1="linear1.bias",
+                   W2="linear2.weight", b2="linear2.bias", ln1_w="norm1.weight",
+                   ln1_b="norm1.bias", ln2_w="norm2.weight", ln2_b="norm2.bias")
+
+
+def block_to_torch(params):
+    """{state_dict name: NumPy array}, new arrays; load with torch.from_numpy on each."""
+    p = _check_params(params, np.shape(params.get("Wq"))[0], None, BLOCK_KEYS)
+    D, H, dh = p["Wq"].shape
+    sd = {name: p[key].copy() for key, name in TORCH_NAMES.items()}
+    sd["linear1.weight"], sd["linear2.weight"] = p["W1"].T.copy(), p["W2"].T.copy()
+    sd["self_attn.in_proj_weight"] = np.concatenate(
+        [p[w].reshape(D, H * dh).T for w in ("Wq", "Wk", "Wv")])        # (3 H dh, D)
+    sd["self_attn.in_proj_bias"] = np.concatenate([p[b].reshape(H * dh) for b in ("bq", "bk", "bv")])
+    sd["self_attn.out_proj.weight"] = p["Wo"].reshape(H * dh, D).T.copy()   # (D, H dh)
+    return sd
+
+
+def block_from_torch(state_dict, n_heads):
+    """A block's params, new NumPy arrays, from a TransformerEncoderLayer's state_dict (tensors
+    or arrays): block_to_torch's inverse."""
+    names = [*TORCH_NAMES.values(), "self_attn.in_proj_weight", "self_attn.in_proj_bias",
+             "self_attn.out_proj.weight"]
+    missing = [name for name in names if name not in state_dict]
+    if missing:
+        raise ValueError(f"state_dict is missing {missing}")
+    sd = {name: np.array(state_dict[name]) for name in names}           # copies
+    D = sd["norm1.weight"].size
+    H = _count("n_heads", n_heads, 1)
+    if sd["self_attn.in_proj_weight"].shape != (3 * D, D) or D % H:
+        raise ValueError(f"in_proj_weight must be (3 D, D) with D = {D} divisible by n_heads = {H}"
+                         f", got {sd['self_attn.in_proj_weight'].shape}")
+    p = {key: sd[name] for key, name in TORCH_NAMES.items()}
+    p["W1"], p["W2"] = p["W1"].T.copy(), p["W2"].T.copy()
+    w_qkv = np.split(sd["self_attn.in_proj_weight"], 3)                 # (D, D) each, (out, in)
+    b_qkv = np.split(sd["self_attn.in_proj_bias"], 3)                   # (D,) each
+    for n, c in enumerate("qkv"):
+        p["W" + c] = w_qkv[n].T.reshape(D, H, D // H)                   # reshape of a .T: a copy
+        p["b" + c] = b_qkv[n].reshape(H, D // H)
+    p["Wo"] = sd["self_attn.out_proj.weight"].T.reshape(H, D // H, D)
+    return p
 
 
 # ---------------------------------------------------------------- positional encodings

@@ -7,6 +7,7 @@ Three layers, each trusting only the one before it:
 Then: attention-weight invariants, stability, bad input, positional encodings,
 per-edge bias, a small training run, and the benchmark smoke test.
 """
+import math
 import os
 import re
 import subprocess
@@ -547,12 +548,12 @@ def test_bad_dy(backend, bad_dy):
 # ---------------------------------------------------------------- structured graphs, dense blocks
 
 def attention_core(backend, g, q, k, v, bias, do, **kw):
-    """One backend's attention alone, as a lifted backend is used: o, alpha and the gradients."""
+    """One backend's attention alone, as a lifted backend is used: o and the gradients."""
     be = gtx.BACKENDS[backend]
     o, cache = be.forward(q, k, v, bias, g, **kw)
     dq, dk, dv = (np.full_like(q, np.nan) for _ in range(3))      # the backend must write every entry
     ds = be.backward(do, cache, dq, dk, dv)
-    out = dict(o=o, alpha=be.alpha(cache), dq=dq, dk=dk, dv=dv)
+    out = dict(o=o, dq=dq, dk=dk, dv=dv)
     return out if bias is None else dict(out, ds=ds)
 
 
@@ -773,7 +774,8 @@ def test_sharply_peaked_attention_agrees(scale, dtype):
         q, k, v, _, do = core_inputs(g, H=2, dh=8, seed=31, bias=False)
         q, k = scale * q, scale * k
         ref = attention_core("naive", g, q, k, v, None, do)
-        assert (ref["alpha"] < 2.0**-126).mean() > 0.05, "the case must make tiny weights"
+        alpha = gtx.naive_forward(q, k, v, None, g)[1].alpha
+        assert (alpha < 2.0**-126).mean() > 0.05, "the case must make tiny weights"
         for backend, kw in (("dense", {}), ("dense", dict(block_rows=8)), ("sparse", {})):
             out = attention_core(backend, g, *(a.astype(dtype) for a in (q, k, v)), None, do.astype(dtype), **kw)
             for key in ref:
@@ -1032,6 +1034,251 @@ def test_matches_pytorch_geometric_and_torch():
         assert_close(f"{backend} vs TransformerConv", gtx.forward(x, g, p, backend=backend)[0], pyg, 1e-12)
         y = gtx.forward(x[:7], gtx.complete_graph(7), p, backend=backend)[0]
         assert_close(f"{backend} vs MultiheadAttention", y, mha_y, 1e-12)
+
+
+# ---------------------------------------------------------------- the Transformer block
+
+BLOCK_VARIANTS = [(nf, act) for nf in (True, False) for act in ("relu", "gelu")]
+BLOCK_IDS = [f"{'pre' if nf else 'post'}-norm-{act}" for nf, act in BLOCK_VARIANTS]
+
+
+def block_inputs(g, D=6, H=2, dh=3, F=10, dtype=F64, seed=0, bias=True):
+    """x, block params (every entry random, LayerNorm weights too), dy and edge_bias for g."""
+    rng = np.random.default_rng(seed)
+    p = gtx.init_block(D, H, d_ff=F, d_head=dh, rng=seed)
+    p = {k: a + 0.3 * rng.standard_normal(a.shape) for k, a in p.items()}
+    x, dy = rng.standard_normal((g.num_nodes, D)), rng.standard_normal((g.num_nodes, D))
+    eb = rng.standard_normal((g.num_edges, H)) if bias else None
+    return astype(dtype, x, p, dy, eb)
+
+
+def run_block(backend, g, x, p, dy, eb=None, **kw):
+    y, cache = gtx.block_forward(x, g, p, backend=backend, edge_bias=eb, **kw)
+    dx, grads = gtx.block_backward(dy, cache)
+    return {"y": y, "dx": dx, **{"d" + k: v for k, v in grads.items()}}
+
+
+@pytest.mark.parametrize("norm_first,activation", BLOCK_VARIANTS, ids=BLOCK_IDS)
+def test_block_gradients_match_central_differences(norm_first, activation):
+    g = make_graph(FD_EDGES, 5)
+    x, p, dy, eb = block_inputs(g)
+    kw = dict(norm_first=norm_first, activation=activation)
+    out = run_block("naive", g, x, p, dy, eb, **kw)
+    assert set(out) == {"y", "dx", "dedge_bias", *("d" + k for k in gtx.BLOCK_KEYS)}
+
+    def loss():  # weighted loss sum(y * dy): every output entry matters with its own weight
+        return np.sum(gtx.block_forward(x, g, p, backend="naive", edge_bias=eb, **kw)[0] * dy)
+
+    for name, a in {"x": x, **p, "edge_bias": eb}.items():
+        numeric = np.empty(a.size)
+        for f in range(a.size):           # perturb in place (our own copies), then restore
+            old = a.flat[f]
+            a.flat[f] = old + FD_EPS
+            lp = loss()
+            a.flat[f] = old - FD_EPS
+            lm = loss()
+            a.flat[f] = old
+            numeric[f] = (lp - lm) / (2 * FD_EPS)
+        assert_close(f"block {kw} d{name}", out["d" + name], numeric.reshape(a.shape), FD_RTOL, FD_ATOL)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("graph", ["no_edges", "empty_N0", "isolated_nodes", "components", "batch_mixed",
+                                   "window", "random0"])
+def test_block_backends_agree(graph, dtype):
+    g = GRAPHS[graph]()
+    x, p, dy, eb = block_inputs(g, dtype=dtype, seed=40)
+    for norm_first, activation in BLOCK_VARIANTS:
+        kw = dict(norm_first=norm_first, activation=activation)
+        ref = run_block("naive", g, *astype(F64, x, p, dy, eb), **kw)
+        for backend in BACKENDS:
+            out = run_block(backend, g, x, p, dy, eb, **kw)
+            assert out.keys() == ref.keys()
+            for k in ref:
+                assert out[k].dtype == dtype, f"{backend} {k}: dtype {out[k].dtype}"
+                assert_close(f"block {kw} {backend} {k}", out[k], ref[k], RTOL[dtype], ATOL[dtype])
+
+
+def textbook_block(x, p, norm_first, activation, causal=False, eps=1e-5):
+    """The Transformer layer as written in NumPy, attention by textbook_attention: no gtx code."""
+    def ln(z, w, b):
+        return (z - z.mean(1, keepdims=True)) / np.sqrt(z.var(1, keepdims=True) + eps) * w + b
+
+    def ffn(z):
+        a = z @ p["W1"] + p["b1"]
+        if activation == "relu":
+            return np.maximum(a, 0) @ p["W2"] + p["b2"]
+        phi = np.vectorize(math.erf)(a / math.sqrt(2))                 # the exact gelu, a Phi(a)
+        return (a * (1 + phi) / 2) @ p["W2"] + p["b2"]
+
+    def attn(z):
+        return textbook_attention(z, p, causal)[0]
+    if norm_first:
+        h = x + attn(ln(x, p["ln1_w"], p["ln1_b"]))
+        return h + ffn(ln(h, p["ln2_w"], p["ln2_b"]))
+    h = ln(x + attn(x), p["ln1_w"], p["ln1_b"])
+    return ln(h + ffn(h), p["ln2_w"], p["ln2_b"])
+
+
+@pytest.mark.parametrize("norm_first,activation", BLOCK_VARIANTS, ids=BLOCK_IDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "decoder"])
+def test_block_equals_textbook_transformer_layer(causal, norm_first, activation):
+    n = 9
+    g = gtx.causal_graph(n) if causal else gtx.complete_graph(n)
+    x, p, _, _ = block_inputs(g, D=8, H=2, dh=4, F=16, seed=41, bias=False)
+    want = textbook_block(x, p, norm_first, activation, causal)
+    for backend in BACKENDS:
+        y, cache = gtx.block_forward(x, g, p, norm_first, activation, backend=backend)
+        assert cache.backend == backend
+        assert_close(f"block {backend} {norm_first} {activation}", y, want, 1e-12)
+
+
+def test_init_block():
+    D, H, F = 12, 3, 20
+    p = gtx.init_block(D, H, rng=0)
+    assert set(p) == set(gtx.BLOCK_KEYS) and p["W1"].shape == (D, 4 * D) and p["W2"].shape == (4 * D, D)
+    q = gtx.init_block(D, H, d_ff=F, rng=0, dtype=F32)
+    for k, shape in dict(ln1_w=(D,), ln1_b=(D,), ln2_w=(D,), ln2_b=(D,), W1=(D, F), b1=(F,), W2=(F, D),
+                         b2=(D,), Wq=(D, H, D // H), Wo=(H, D // H, D)).items():
+        assert q[k].shape == shape and q[k].dtype == F32, k
+    assert all((q[k] == 1).all() for k in ("ln1_w", "ln2_w")), "LayerNorm weights start at 1"
+    assert not any(q[k].any() for k in ("ln1_b", "ln2_b", "b1", "b2", "bq", "bo")), "biases start at 0"
+    bound = np.sqrt(6 / (D + F))
+    for k in ("W1", "W2"):
+        assert bound / 2 < np.abs(q[k]).max() <= bound, f"{k}: Glorot-uniform"
+    assert np.array_equal(p["W1"], gtx.init_block(D, H, rng=0)["W1"]), "not deterministic"
+    for bad in (dict(d_ff=0), dict(d_ff=2.5), dict(d_head=0)):
+        with pytest.raises(BAD):
+            gtx.init_block(D, H, **bad)
+
+
+def test_block_bad_input_and_no_mutation():
+    g = gtx.causal_graph(5)
+    x, p, dy, eb = block_inputs(g, D=4, H=2, dh=2, F=6, seed=42)
+    before = [a.copy() for a in (x, dy, eb, *p.values())]
+    y, cache = gtx.block_forward(x, g, p, edge_bias=eb)
+    dx, grads = gtx.block_backward(dy, cache)
+    for a, b in zip((x, dy, eb, *p.values()), before):
+        assert np.array_equal(a, b), "an input was changed"
+    cases = {"activation": dict(activation="tanh"), "eps": dict(eps=0.0), "eps ": dict(eps="1e-5"),
+             "backend": dict(backend="fast"), "edge_bias": dict(edge_bias=eb[:-1]),
+             "missing": dict(params={k: v for k, v in p.items() if k != "W2"}),
+             "W1": dict(params=dict(p, W1=p["W1"][:, :-1])), "ln2_w": dict(params=dict(p, ln2_w=p["ln2_w"][:-1])),
+             "x": dict(x=x[:, :-1]), "float32": dict(x=x.astype(F32)), "g": dict(g=g.edge_index)}
+    for what, kw in cases.items():
+        args = dict(x=x, g=g, params=p) | kw
+        with pytest.raises(BAD, match=what.strip().replace("missing", "W2").replace("float32", "dtype")):
+            gtx.block_forward(args.pop("x"), args.pop("g"), args.pop("params"), **args)
+    with pytest.raises(BAD, match="dy"):
+        gtx.block_backward(dy[:-1], cache)
+    with pytest.raises(TypeError, match="block_forward"):
+        gtx.block_backward(dy, gtx.forward(x, g, p)[1])
+    with pytest.raises(ValueError, match="missing"):
+        gtx.block_from_torch({}, 2)
+    with pytest.raises(ValueError, match="n_heads"):
+        gtx.block_from_torch(gtx.block_to_torch(p), 3)
+
+
+def test_block_torch_names_round_trip():
+    p = gtx.init_block(8, 2, d_ff=12, rng=43)
+    sd = gtx.block_to_torch(p)
+    assert sd["self_attn.in_proj_weight"].shape == (24, 8) and sd["linear1.weight"].shape == (12, 8)
+    back = gtx.block_from_torch(sd, 2)
+    assert back.keys() == p.keys()
+    for k in p:
+        assert back[k].shape == p[k].shape and np.array_equal(back[k], p[k]), k
+        assert not np.shares_memory(back[k], p[k]), f"{k} shares memory"
+
+
+def torch_block_check(torch, g, mask, causal):
+    """gtx's block against torch's TransformerEncoderLayer, float64: every output and gradient's
+    relative error (bk's gradient is 0 up to round-off: its error is relative to Wk's gradient)."""
+    N, D, H, F = g.num_nodes, 8, 2, 12
+    x, p, dy, _ = block_inputs(g, D=D, H=H, dh=D // H, F=F, seed=44, bias=False)
+    worst = {}
+    for norm_first, activation in BLOCK_VARIANTS:
+        layer = torch.nn.TransformerEncoderLayer(D, H, F, dropout=0.0, activation=activation,
+                                                 norm_first=norm_first, batch_first=True, dtype=torch.float64)
+        layer.load_state_dict({k: torch.from_numpy(v) for k, v in gtx.block_to_torch(p).items()})
+        sd = {k: v.numpy() for k, v in layer.state_dict().items()}
+        assert all(np.array_equal(gtx.block_to_torch(gtx.block_from_torch(sd, H))[k], sd[k]) for k in sd)
+        xt = torch.tensor(x[None], requires_grad=True)
+        yt = layer(xt, src_mask=mask, is_causal=causal)
+        (yt * torch.from_numpy(dy[None])).sum().backward()
+        want = {"y": yt.detach().numpy()[0], "dx": xt.grad.numpy()[0],
+                **{"d" + k: v for k, v in gtx.block_from_torch(
+                    {k: v.grad for k, v in layer.named_parameters()}, H).items()}}
+        for backend in ("naive", "dense", "sparse"):
+            out = run_block(backend, g, x, p, dy, norm_first=norm_first, activation=activation)
+            for k in want:
+                scale = np.abs(want["dWk" if k == "dbk" else k]).max()
+                err = np.abs(out[k] - want[k]).max() / scale
+                worst[k] = max(worst.get(k, 0), err)
+                assert err <= 1e-10, f"{backend} {norm_first} {activation} {k}: relative error {err:.2g}"
+    return worst
+
+
+def test_block_matches_torch_transformer_encoder_layer():
+    """Skipped where torch is not installed (gtx does not need it)."""
+    torch = pytest.importorskip("torch")
+    n = 7
+    adj = np.random.default_rng(45).random((n, n)) < 0.3             # adj[i, j]: the edge j -> i
+    np.fill_diagonal(adj, True)                                     # every query has a key
+    dst, src = np.nonzero(adj)
+    graphs = {"complete": (gtx.complete_graph(n), None, False),
+              "causal": (gtx.causal_graph(n), torch.nn.Transformer.generate_square_subsequent_mask(
+                  n, dtype=torch.float64), True),
+              "general": (gtx.Graph(np.stack([src, dst]), n), torch.from_numpy(~adj), False)}
+    for name, (g, mask, causal) in graphs.items():
+        worst = torch_block_check(torch, g, mask, causal)
+        print(f"{name}: worst relative errors " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+
+
+@pytest.mark.parametrize("backend", ["dense", "sparse"])
+def test_gpt_trains_as_torch_does(backend):
+    """bench.py's GPT and the same model in torch, TransformerEncoderLayers made by block_to_torch,
+    from the same weights, on the same batches, with torch's Adam: 10 float64 steps, equal losses."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, HERE)
+    import bench
+    c = bench.GPT["test"]
+    B, T, D, H, lr = c["B"], c["T"], c["D"], c["H"], c["lr"]
+    vocab, train, _ = bench.gpt_data()
+    P = bench.gpt_init(len(vocab), c, np.random.default_rng(46), F64)
+    emb = torch.nn.Embedding(len(vocab), D, dtype=torch.float64)
+    head = torch.nn.Linear(D, len(vocab), dtype=torch.float64)
+    layers = [torch.nn.TransformerEncoderLayer(D, H, 4 * D, dropout=0.0, activation="gelu", norm_first=True,
+                                               batch_first=True, dtype=torch.float64)
+              for _ in range(bench.GPT_LAYERS)]
+    with torch.no_grad():
+        emb.weight.copy_(torch.from_numpy(P["emb"]))
+        head.weight.copy_(torch.from_numpy(P["head_W"].T))
+        head.bias.copy_(torch.from_numpy(P["head_b"]))
+    for n, layer in enumerate(layers):
+        layer.load_state_dict({k: torch.from_numpy(v) for k, v in gtx.block_to_torch(bench.gpt_block(P, n)).items()})
+    modules = torch.nn.ModuleList([emb, head, *layers])
+    opt = torch.optim.Adam(modules.parameters(), lr=lr)
+    pe = torch.from_numpy(gtx.sinusoidal_pe(T, D))
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(T, dtype=torch.float64)
+    state, rng, ours, theirs = bench.adam_state(P), np.random.default_rng(47), [], []
+    for step in range(1, c["steps"] + 1):
+        tokens = bench.gpt_batch(train, rng, B, T)
+        loss, grads = bench.gpt_loss(P, tokens, backend=backend)
+        bench.adam(P, grads, state, step, lr)
+        ours.append(loss)
+        t = torch.from_numpy(tokens)
+        x = emb(t[:, :-1]) + pe
+        for layer in layers:
+            x = layer(x, src_mask=mask, is_causal=True)
+        tloss = torch.nn.functional.cross_entropy(head(x).reshape(-1, len(vocab)), t[:, 1:].reshape(-1))
+        opt.zero_grad()
+        tloss.backward()
+        opt.step()
+        theirs.append(tloss.item())
+    err = np.abs(np.array(ours) - theirs).max() / np.abs(theirs).max()
+    print(f"gpt {backend}: losses {ours[0]:.6f} -> {ours[-1]:.6f}, worst relative difference {err:.1e}")
+    assert ours[-1] < ours[0], f"the loss should fall in 10 steps: {ours}"
+    assert err <= 1e-9, f"gtx's losses {ours}\ntorch's {theirs}\nrelative difference {err:.2g}"
 
 
 # ---------------------------------------------------------------- the benchmark and the README
