@@ -327,6 +327,32 @@ LEARN = dict(test=dict(seeds=(0,), n_train=128, n_test=32, steps=200),
              default=dict(seeds=(0, 1, 2), n_train=256, n_test=64, steps=300))
 
 
+def laplacian_pe(g, k, rng=None):
+    """(N, k) Laplacian eigenvector encodings (Dwivedi & Bresson 2020): eigenvectors of L = I -
+    D^-1/2 A D^-1/2 on the undirected g, self-loops ignored, ascending, the first dropped. An
+    isolated node has D^-1/2 = 0, so its indicator is an eigenvector, eigenvalue 1. Sign: in each
+    column the entry of largest magnitude (the first on ties) is positive; with an rng, signs are
+    then flipped at random, as in training. Columns past N - 1 are 0. O(N^3) time, 4 N^2 floats."""
+    if not isinstance(g, gtx.Graph):
+        raise TypeError(f"g must be a gtx.Graph, got {type(g).__name__}")
+    k = gtx._count("k", k)
+    N = g.num_nodes
+    gtx._check_memory(4 * 8 * N * N, f"laplacian_pe: the dense eigendecomposition of an {N} x {N} L")
+    src, dst = g.edge_index
+    A = np.zeros((N, N))                                                # (N, N) symmetric
+    A[dst, src] = A[src, dst] = 1
+    np.fill_diagonal(A, 0)
+    deg = A.sum(1)
+    d = np.divide(1, np.sqrt(deg), out=np.zeros(N), where=deg > 0)     # (N,) D^-1/2, 0 if isolated
+    _, U = np.linalg.eigh(np.eye(N) - d[:, None] * A * d[None, :])     # ascending eigenvalues
+    U = U[:, 1:k + 1]                                                   # (N, min(k, N-1))
+    if U.size:
+        U = U * np.sign(U[np.abs(U).argmax(0), np.arange(U.shape[1])])
+    if rng is not None:
+        U = U * np.random.default_rng(rng).choice([-1.0, 1.0], U.shape[1])
+    return np.pad(U, ((0, 0), (0, k - U.shape[1])))
+
+
 def learn_graphs(count, rng, d_x=8):
     """(graph, x, target) triples: target_i = mean of x_j over the edges j -> i (0 without any)."""
     data = []
@@ -344,7 +370,7 @@ def learn_batch(arm, data, k):
     and, for edge_bias, which edges of the complete graphs are the graphs' own edges."""
     graphs, xs, ts = zip(*data)
     pe = {"complete+sinusoidal": lambda g: gtx.sinusoidal_pe(g.num_nodes, k),
-          "complete+laplacian": lambda g: gtx.laplacian_pe(g, k)}.get(arm, lambda g: np.zeros((g.num_nodes, k)))
+          "complete+laplacian": lambda g: laplacian_pe(g, k)}.get(arm, lambda g: np.zeros((g.num_nodes, k)))
     is_edge = None
     if arm == "complete+edge_bias":               # complete_graph(n) lists the edge j -> i as i n + j
         offsets = np.cumsum([0] + [g.num_nodes ** 2 for g in graphs])
@@ -577,11 +603,10 @@ def gpt(mode, dtype):
 
 def gpt_report(r):
     """The verdict lines and a sample of the model's text, from the measured figures."""
-    return [f"a GPT on causal graphs ({GPT_LAYERS} blocks, D/H {r['D']}/{r['H']}, context {r['T']}, "
-            f"{r['steps']} steps of {r['B']} sequences, {r['train_s']:.0f} s training, "
-            f"{r['total_s']:.0f} s in all):",
-            f"  held-out bits per character: model {r['bits']:.3f}, bigram {r['bigram']:.3f}, "
-            f"unigram {r['unigram']:.3f} ({r['chars']:,} characters)",
+    return [f"a GPT on causal graphs: {GPT_LAYERS} blocks, D/H {r['D']}/{r['H']}, context {r['T']}, "
+            f"{r['steps']} steps of {r['B']} sequences, {r['train_s']:.0f} s of training",
+            f"  held-out bits/char: model {r['bits']:.3f}, bigram {r['bigram']:.3f}, unigram "
+            f"{r['unigram']:.3f} ({r['chars']:,} chars; {r['total_s']:.0f} s in all)",
             "  sample after 'The ': " + repr(r["sample"][:60]),
             "  " + repr(r["sample"][60:120])]
 

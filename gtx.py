@@ -1,9 +1,9 @@
 """gtx: a Transformer is a graph neural network on a complete graph.
 
 One multi-head scaled-dot-product graph attention layer, forward and hand-written backward, in
-four backends that agree to round-off: naive (per-edge Python loops, the executable spec),
-textbook (softmax(Q K^T / sqrt(dh)) V over all N^2 pairs, the graph as a mask), dense (the same
-by blocks of target rows, as a fast Transformer computes) and sparse (Numba kernels over edges).
+three backends that agree to round-off: naive (per-edge Python loops, the executable spec), dense
+(softmax(Q K^T / sqrt(dh)) V by blocks of target rows, as a Transformer computes) and sparse
+(Numba kernels over the edges); and the Transformer block, attention then the node-wise update.
 
 Edge e carries a message from source j = edge_index[0, e] to target i = edge_index[1, e]:
     q, k, v = x Wq + bq, x Wk + bk, x Wv + bv                         (N, H, dh) each
@@ -11,11 +11,7 @@ Edge e carries a message from source j = edge_index[0, e] to target i = edge_ind
     alpha[e, h] = softmax of s[., h] over the edges that share the target i_e
     o[i, h] = sum over edges e into i of alpha[e, h] v[j_e, h]        (N, H, dh), 0 without in-edges
     y = o Wo + bo                                                     (N, D)
-On complete_graph(n) this is exactly softmax(Q K^T / sqrt(dh)) V per head.
-
-    g = gtx.complete_graph(n)          # or causal_graph, batch_graphs, Graph(edge_index, n)
-    y, cache = gtx.forward(x, g, gtx.init_params(D, H))
-    dx, grads = gtx.backward(dy, cache)
+On complete_graph(n) this is exactly softmax(Q K^T / sqrt(dh)) V per head. README.md shows use.
 """
 # Dimension letters: N nodes, E edges, H heads, dh head size, D model width.
 import contextlib
@@ -42,11 +38,10 @@ FLOATS = (np.float32, np.float64)
 # ---------------------------------------------------------------- graph
 
 class Graph:
-    """A directed graph: edge e carries a message from j = edge_index[0, e] to i = edge_index[1, e].
-    Graph(edge_index, num_nodes) validates an edge list and sorts it into a CSR by target: i's
-    in-edges sit at positions indptr[i]:indptr[i+1], with sources src and input edge ids perm (E,).
-    complete_graph, causal_graph and batch_graphs make structured graphs in O(N): i attends to every
-    j in [lo[i], hi[i]) = ranges (not i if not self_loops), src and the rest built on first use."""
+    """A directed graph, edge e carrying a message from j = edge_index[0, e] to i = edge_index[1, e]
+    (E,), in a CSR by target: in-edges of i at indptr[i]:indptr[i+1], sources src, input ids perm.
+    complete_graph, causal_graph and batch_graphs build structured graphs in O(N): i attends to
+    every j in [lo[i], hi[i]) = ranges (not i without self_loops), src and the rest made on use."""
 
     def __init__(self, edge_index, num_nodes):
         N = _count("num_nodes", num_nodes)
@@ -222,11 +217,9 @@ def init_params(d_model, n_heads, d_head=None, rng=None, dtype=np.float64):
                 bv=np.zeros((H, dh), dtype), bo=np.zeros(D, dtype))
 
 
-def _w_qkv(p):
-    """[Wq Wk Wv] as one (D, 3 H dh) matrix, in a reused buffer."""
+def _w_qkv(p):                          # [Wq Wk Wv] as one (D, 3 H dh) matrix
     D, H, dh = p["Wq"].shape
-    w = _buffer("w_qkv", 3 * D * H * dh, p["Wq"].dtype).reshape(D, 3, H, dh)
-    return np.stack([p["Wq"], p["Wk"], p["Wv"]], 1, out=w).reshape(D, 3 * H * dh)
+    return np.stack([p["Wq"], p["Wk"], p["Wv"]], 1).reshape(D, 3 * H * dh)
 
 
 def _project(x, p):
@@ -251,10 +244,9 @@ def _project_backward(dqkv, x, p, grads):
 
 
 # ---------------------------------------------------------------- naive
-# Every backend computes the attention between the projections: forward(q, k, v, bias, g) ->
-# (o, cache) and backward(do, cache, dq, dk, dv) -> ds, which writes into the (N, H, dh) dq, dk,
-# dv. bias is None or (E, H) and ds = dL/ds (E, H), the bias's gradient, both in input edge
-# order (all but naive return ds = None without a bias).
+# Each backend computes the attention between the projections: forward(q, k, v, bias, g) -> (o,
+# cache); backward(do, cache, dq, dk, dv) -> ds writes into the (N, H, dh) dq, dk, dv. bias is None
+# or (E, H), ds = dL/ds (E, H) (None without a bias, but in naive), both in input edge order.
 NaiveCache = namedtuple("NaiveCache", "q k v alpha g")
 
 
@@ -310,89 +302,28 @@ def naive_backward(do, cache, dq, dk, dv):
 
 
 # ---------------------------------------------------------------- dense
-# The Transformer's attention as a textbook writes it, per head, in FlashAttention's notation: the
-# scores S = Q K^T / sqrt(dh) of all N^2 pairs, -inf where j -> i is not an edge, P = softmax(S),
-# O = P V. textbook_forward is the algorithmic reference of dense_forward, which computes the same
-# by blocks of target rows; it keeps (H, N, N) arrays, so it is for reading and small graphs.
-TextbookCache = namedtuple("TextbookCache", "Q K V P g has_bias")
-
-
-def textbook_forward(q, k, v, bias, g):
-    N, H, dh = q.shape
-    _check_memory(5 * H * N * N * q.itemsize, f"textbook backend (N={N}, H={H})", "; use 'dense'")
-    Q = q.transpose(1, 0, 2)                                            # (H, N, dh)
-    K = k.transpose(1, 0, 2)                                            # (H, N, dh)
-    V = v.transpose(1, 0, 2)                                            # (H, N, dh)
-    src, dst = g.edge_index                                             # (E,) each
-    A = np.zeros((N, N), bool)                                          # (N, N) A[i, j]: j -> i
-    A[dst, src] = True
-    # pass 1: scores S = Q K^T / sqrt(dh) + bias, -inf where j -> i is not an edge
-    S = Q @ K.transpose(0, 2, 1) / math.sqrt(dh)                        # (H, N, N)
-    if bias is not None:
-        S[:, dst, src] += bias.T
-    S = np.where(A, S, -np.inf)
-    # pass 2: each row's max m, 0 in rows without edges
-    m = S.max(-1, keepdims=True, initial=-np.inf)                       # (H, N, 1)
-    m[m == -np.inf] = 0
-    # pass 3: exponentials, summed per row in l
-    P = np.exp(S - m)                                                   # (H, N, N)
-    l = P.sum(-1, keepdims=True)                                        # (H, N, 1)
-    # pass 4: P = softmax(S), l >= 1 unless a row has no edge (then 0 / 1); O = P V
-    P /= np.maximum(l, 1)
-    O = P @ V                                                           # (H, N, dh)
-    return O.transpose(1, 0, 2), TextbookCache(Q, K, V, P, g, bias is not None)
-
-
-def textbook_backward(do, cache, dq, dk, dv):
-    Q, K, V, P, g, has_bias = cache
-    dh = Q.shape[-1]
-    dO = do.transpose(1, 0, 2)                                          # (H, N, dh)
-    # backward of pass 4, O = P V: dV = P^T dO, dP = dO V^T
-    dv[:] = (P.transpose(0, 2, 1) @ dO).transpose(1, 0, 2)
-    dP = dO @ V.transpose(0, 2, 1)                                      # (H, N, N)
-    # backward of passes 2 and 3, the softmax: dS = P (dP - delta), delta = rowsum(P dP)
-    delta = (P * dP).sum(-1, keepdims=True)                             # (H, N, 1)
-    dS = P * (dP - delta)                                               # (H, N, N), 0 off the edges
-    # backward of pass 1, S = Q K^T / sqrt(dh) + bias: dQ = dS K / sqrt(dh), dK = dS^T Q / sqrt(dh)
-    dq[:] = (dS @ K / math.sqrt(dh)).transpose(1, 0, 2)
-    dk[:] = (dS.transpose(0, 2, 1) @ Q / math.sqrt(dh)).transpose(1, 0, 2)
-    src, dst = g.edge_index
-    return dS[:, dst, src].T if has_bias else None                      # (E, H) input order
-
-
-# ---------------------------------------------------------------- dense, by blocks of rows
-# dense_forward is textbook_forward, otherwise identical, except (time without each / with, EPYC):
+# The Transformer's attention as a textbook writes it, per head, in FlashAttention's notation:
+# S = Q K^T / sqrt(dh) (+ bias) over all N^2 pairs, -inf where j -> i is not an edge; m and l,
+# each row's max and sum of exp(S - m), m = 0 in rows without edges; P = exp(S - m) / l, O = P V,
+# and lse = m + log l, so that P = exp(S - lse). Backward: dV = P^T dO, dP = dO V^T, delta =
+# rowsum(P dP) = rowsum(dO O), dS = P (dP - delta), dQ = dS K / sqrt(dh), dK = dS^T Q / sqrt(dh).
+# dense_forward computes that, except (time without each / with, EPYC):
 # - blocks of target rows, each against only the source columns its rows need (dense_blocks):
 #   nothing N^2 is kept, and the backward recomputes each block's P from lse, as FlashAttention;
-# - pass 2 shifts by a bound, found before the scores, instead of the row max, which a block takes
-#   only where the bound is too loose (_bound_shift, _sum_too_small): long 1.10x, causal 1.04x;
-# - columns ride in the matmuls, so that no pass over a block adds or sums (_heads_first): q's last
-#   column holds -c, so pass 1 gives s - c; v's ones give pass 3's l in pass 4's P V; in the
-#   backward q's holds -lse and do's -delta: long 1.12x, powerlaw 1.10x, transformer 1.06x;
+# - columns ride in the matmuls, so that the passes over a block add and sum less (_heads_first):
+#   v's ones give pass 3's l in pass 4's P V; in the backward, q's last column holds -lse and do's
+#   -delta, so the matmuls give s - lse and dP - delta: long 1.12x, powerlaw 1.10x;
 # - blocks run in lanes, a contiguous run of blocks per thread, each lane adding into its own dk
 #   and dv (no two threads write a row): powerlaw 1.60x, transformer 1.29x, window 1.25x;
-# - scratch arrays are per-thread buffers, kept from call to call (_buffer): window 1.30x;
-# - for correctness, a block with a non-finite input is cut into rows (_split): inf and NaN reach
-#   only what they reach in naive, where textbook's 0 * NaN at a non-edge spreads them.
-DenseCache = namedtuple("DenseCache", "qh kh vh o lse bias g block_rows bad")
+# - scratch arrays are per-thread buffers, kept from call to call (_buffer): window 1.30x.
+# Unlike naive and sparse, dense lets an inf or NaN input of node j reach every target of j's
+# blocks, through 0 * inf or 0 * NaN at their non-edges.
+DenseCache = namedtuple("DenseCache", "qh kh vh o lse bias g block_rows")
 
 
-class Block(namedtuple("Block", "rows cols ragged mask", defaults=[None, None])):
-    """rows: a slice of targets; cols: their sources, a slice or a sorted array; ragged: a slice
-    of cols where some pair is not an edge, or None; mask (R, ragged): 0 at edges, else -inf."""
-    @property
-    def R(self):
-        return self.rows.stop - self.rows.start
-
-    @property
-    def C(self):
-        if isinstance(self.cols, slice):
-            return self.cols.stop - self.cols.start
-        return self.cols.size
-
-    @property
-    def sources(self):              # cols as an array
-        return np.r_[self.cols]
+# A block: rows, a slice of R targets; cols, their C sources, a slice or a sorted array; ragged, a
+# slice of cols where some pair is not an edge, or None; mask (R, ragged), 0 at edges, else -inf.
+Block = namedtuple("Block", "rows cols ragged R C mask", defaults=[None])
 
 
 def dense_blocks(g, block_rows=None):
@@ -418,11 +349,11 @@ def dense_blocks(g, block_rows=None):
 
 def _general_block(g, r0, r1):          # columns: the sources of the rows' edges
     cols = np.unique(g.src[g.indptr[r0]:g.indptr[r1]])
-    full = g.indptr[r1] - g.indptr[r0] == (r1 - r0) * cols.size
-    ragged = None if full else slice(0, cols.size)
-    if cols.size and cols[-1] - cols[0] + 1 == cols.size:      # contiguous: a view, not a gather
+    C = cols.size
+    ragged = None if g.indptr[r1] - g.indptr[r0] == (r1 - r0) * C else slice(0, C)
+    if C and cols[-1] - cols[0] + 1 == C:                       # contiguous: a view, not a gather
         cols = slice(cols[0], cols[-1] + 1)
-    return Block(slice(r0, r1), cols, ragged)
+    return Block(slice(r0, r1), cols, ragged, r1 - r0, C)
 
 
 def _structured_block(g, r0, r1):       # columns: the union of the rows' ranges
@@ -434,7 +365,7 @@ def _structured_block(g, r0, r1):       # columns: the union of the rows' ranges
         gaps.append((max(r0, c0), min(r1, c1)))     # the diagonal
     gaps = [(a - c0, b - c0) for a, b in gaps if a < b]
     ragged = slice(min(a for a, _ in gaps), max(b for _, b in gaps)) if gaps else None
-    return Block(slice(r0, r1), slice(c0, c1), ragged)
+    return Block(slice(r0, r1), slice(c0, c1), ragged, r1 - r0, c1 - c0)
 
 
 def _masked(g, block_rows):
@@ -442,7 +373,7 @@ def _masked(g, block_rows):
     def build(b):
         if b.ragged is None:
             return b
-        edge = _edge_mask(g, b, b.sources[b.ragged])                    # (R, ragged)
+        edge = _edge_mask(g, b, np.r_[b.cols][b.ragged])                # (R, ragged)
         return b._replace(mask=np.where(edge, 0, -np.inf).astype(np.float32))
     return g.derived(("masks", block_rows), lambda: [build(b) for b in dense_blocks(g, block_rows)])
 
@@ -451,11 +382,10 @@ def dense_bytes(g, n_heads, dtype, edge_bias=False, block_rows=None):
     """Bytes dense needs beyond arrays the size of q: per thread three (H, R, C) blocks (s, dP, pv
     or t; four with a bias), a bias's (E, H) copy and gradient, float32 masks (4 bytes a pair)."""
     blocks = dense_blocks(g, block_rows)
-    item = np.dtype(dtype).itemsize
     cells = max([b.R * b.C for b in blocks], default=0)
     masks = 4 * sum(b.R * (b.ragged.stop - b.ragged.start) for b in blocks if b.ragged is not None)
-    scratch = _threads() * (3 + edge_bias) * cells + 2 * edge_bias * g.num_edges
-    return scratch * n_heads * item + masks
+    scratch = nb.get_num_threads() * (3 + edge_bias) * cells + 2 * edge_bias * g.num_edges
+    return scratch * n_heads * np.dtype(dtype).itemsize + masks
 
 
 def _edge_mask(g, b, cols):
@@ -475,43 +405,27 @@ def _edge_mask(g, b, cols):
 def _block_edges(g, b):
     """The CSR range of block b's edges, and their (row, column) positions in the block."""
     edges = slice(g.indptr[b.rows.start], g.indptr[b.rows.stop])
-    rows, cols = np.nonzero(_edge_mask(g, b, b.sources))
+    rows, cols = np.nonzero(_edge_mask(g, b, np.r_[b.cols]))
     return edges, rows, cols
 
 
 def _heads_first(arrays, scales):
     """For each (N, H, dh) a, on a thread each: a * scale heads first, (H, N, dh + 1), with a last
-    column of ones to ride in the matmuls; its (H, N) norms; whether they are all finite."""
+    column of ones to ride in the matmuls."""
     def copy(task):
         a, scale = task
         out = np.empty((a.shape[1], a.shape[0], a.shape[2] + 1), a.dtype)
         np.multiply(a.transpose(1, 0, 2), scale, out=out[..., :-1])
         out[..., -1] = 1
-        norm = np.sqrt(np.einsum("hnd,hnd->hn", out[..., :-1], out[..., :-1]))
-        return out, norm, np.isfinite(norm.sum())
-    done = _map_threads(copy, list(zip(arrays, scales)))
-    return [d[0] for d in done], [d[1] for d in done], [d[2] for d in done]
-
-
-def _bound_shift(q_norm, k_norm, b):
-    """(H, R) c = |q_i| max_j |k_j| over block b's columns: no score s_ij = <q_i, k_j> exceeds it
-    (Cauchy-Schwarz), so exp(s - c) cannot overflow, and softmax does not change with a shift."""
-    with np.errstate(invalid="ignore"):             # inf * 0 = NaN: the block then takes the max
-        return q_norm[:, b.rows] * k_norm[:, b.cols].max(-1, initial=0)[:, None]
-
-
-def _sum_too_small(l, g, b):
-    """Whether the bound was too loose for block b: a row with edges has l < 2^-40, or NaN. From
-    2^-40 up, a term flushed as a denormal (below 2^-126) is below 2^-86 of its row's sum."""
-    edges = np.diff(g.indptr[b.rows.start:b.rows.stop + 1]) > 0                 # (R,)
-    return not (l >= 2.0**-40)[:, edges].all()
+        return out
+    return _map_threads(copy, list(zip(arrays, scales)))
 
 
 def _scores(qh, kh, bias, g, b, s):
     """Pass 1 for block b: s (H, R, C) = qh[:, rows] kh[:, cols]^T, + bias at edges and -inf at
     non-edges. qh, kh (H, N, dh + 1): q and k / sqrt(dh), heads first, with their last columns."""
     np.matmul(qh[:, b.rows], kh[:, b.cols].transpose(0, 2, 1), out=s)
-    if bias is not None:            # bias at edges, -inf elsewhere: s is finite here, see _split
+    if bias is not None:            # bias at edges, -inf elsewhere
         tile = _buffer("dense tile", s.size, s.dtype).reshape(s.shape)
         tile[:] = -np.inf
         e, r, c = _block_edges(g, b)
@@ -522,77 +436,44 @@ def _scores(qh, kh, bias, g, b, s):
     return s
 
 
-def _split(blocks, g, bad):
-    """Blocks with a non-finite input and a non-edge pair, cut into a block per row over its own
-    sources: inf and NaN reach only what naive lets them (0 * NaN through a non-edge would not)."""
-    def whole(b):
-        return bad is None or b.ragged is None or not (bad[b.rows].any() or bad[b.cols].any())
-    out = []
-    for b in blocks:
-        if whole(b):
-            out.append(b)
-            continue
-        for i in range(b.rows.start, b.rows.stop):
-            row = Block(slice(i, i + 1), b.sources)
-            out.append(row._replace(cols=b.sources[_edge_mask(g, row, b.sources)[0]]))
-    return out
-
-
-def _nonfinite(*arrays, bad=None):
-    """(N,) bool: nodes with an inf or NaN in any of the (N, ...) arrays, or in bad."""
-    found = ~np.logical_and.reduce([np.isfinite(a).all(tuple(range(1, a.ndim))) for a in arrays])
-    return found if bad is None else found | bad
-
-
 def dense_forward(q, k, v, bias, g, block_rows=None):
     N, H, dh = q.shape
     _check_memory(dense_bytes(g, H, q.dtype, bias is not None, block_rows),
                   f"dense backend (N={N}, H={H})", "; use smaller block_rows or backend='sparse'")
     bias = _to_csr(bias, g)                        # (E, H) blocks read their edges in CSR order
     o = np.empty_like(q)                                                # (N, H, dh)
-    lse = np.empty((N, H), q.dtype)                                     # (N, H) c + log l
-    (qh, kh, vh), norms, finite = _heads_first((q, k, v), (1, 1 / math.sqrt(dh), 1))  # (H, N, dh+1)
-    bad = None if all(finite) else _nonfinite(q, k, v)
-
-    def attend(b, s, pv, bound):                   # passes 1-4 of block b; -> the shift c (H, R)
-        # pass 2 first, as the bound needs no scores: the shift c, -c into q's last column
-        c = _bound_shift(norms[0], norms[1], b) if bound else 0
-        qh[:, b.rows, dh] = -c
-        # pass 1: s - c = [q, -c] [k / sqrt(dh), 1]^T, -inf at non-edges
-        _scores(qh, kh, bias, g, b, s)                                   # (H, R, C)
-        if not bound:                  # pass 2 as textbook's: the row max, 0 in rows without edges
-            c = s.max(-1, initial=-np.inf)
-            c[c == -np.inf] = 0
-            np.subtract(s, c[..., None], out=s)
-        # pass 3: exp(s - c); with pass 4's P V: [P V, l] = exp(s - c) [v, 1], P unnormalised
-        np.matmul(np.exp(s, out=s), vh[:, b.cols], out=pv)              # (H, R, dh + 1)
-        return c
+    lse = np.empty((N, H), q.dtype)                                     # (N, H) m + log l
+    qh, kh, vh = _heads_first((q, k, v), (1, 1 / math.sqrt(dh), 1))    # (H, N, dh + 1) each
+    qh[..., dh] = 0                                 # pass 1 gives s itself: [q, 0] [k, 1]^T
 
     def lane(blocks):
         for b in blocks:
             s = _buffer("dense s", H * b.R * b.C, q.dtype).reshape(H, b.R, b.C)
             pv = _buffer("dense pv, t", H * b.R * (dh + 1), q.dtype).reshape(H, b.R, dh + 1)
-            c = attend(b, s, pv, bias is None)
-            if bias is None and _sum_too_small(pv[..., dh], g, b):
-                c = attend(b, s, pv, False)
+            # pass 1: s = q k^T / sqrt(dh), -inf at non-edges
+            _scores(qh, kh, bias, g, b, s)                               # (H, R, C)
+            # pass 2: each row's max m, 0 in rows without edges, subtracted
+            m = s.max(-1, initial=-np.inf)                               # (H, R)
+            m[m == -np.inf] = 0
+            np.subtract(s, m[..., None], out=s)
+            # pass 3: exp(s - m); with pass 4's P V: [P V, l] = exp(s - m) [v, 1], P unnormalised
+            np.matmul(np.exp(s, out=s), vh[:, b.cols], out=pv)          # (H, R, dh + 1)
             l = pv[..., dh]                                              # (H, R)
-            l[l == 0] = 1             # rows without edges: o = 0 / 1 (other l may be < 1: c > max)
+            l[l == 0] = 1                       # l >= 1 unless a row has no edge: then o = 0 / 1
             # pass 4: o = P V / l
             np.divide(pv[..., :dh].transpose(1, 0, 2), l.T[..., None], out=o[b.rows])
-            lse[b.rows] = (c + np.log(l)).T             # P = exp(s - lse)
-    _map_threads(lane, _lanes(_split(_masked(g, block_rows), g, bad)))
+            lse[b.rows] = (m + np.log(l)).T             # P = exp(s - lse)
+    _map_threads(lane, _lanes(_masked(g, block_rows)))
     qh[..., dh] = -lse.T                               # for the backward: [q, -lse] k^T = s - lse
-    return o, DenseCache(qh, kh, vh, o, lse, bias, g, block_rows, bad)
+    return o, DenseCache(qh, kh, vh, o, lse, bias, g, block_rows)
 
 
 def dense_backward(do, cache, dq, dk, dv):
-    qh, kh, vh, o, lse, bias, g, block_rows, bad = cache
+    qh, kh, vh, o, lse, bias, g, block_rows = cache
     N, H, dh = do.shape
     ds_edges = None if bias is None else np.empty_like(bias)            # (E, H) CSR order
-    (doh,), _, (finite,) = _heads_first((do,), (1,))    # (H, N, dh + 1): [do, -delta] below
-    if bad is not None or bias is not None or not finite:   # a bias's inf shows in o
-        bad = _nonfinite(o, do, bad=bad)
-    lanes = _lanes(_split(_masked(g, block_rows), g, bad))
+    (doh,) = _heads_first((do,), (1,))              # (H, N, dh + 1): [do, -delta] below
+    lanes = _lanes(_masked(g, block_rows))
     doh[..., dh] = -np.einsum("nhd,nhd->hn", do, o)    # delta = rowsum(P dP) = <do, o>
     acc = _buffer("dense dkv", len(lanes) * 2 * dk.size, dk.dtype).reshape(len(lanes), 2, H, N, dh)
 
@@ -631,11 +512,11 @@ def dense_backward(do, cache, dq, dk, dv):
 
 
 # ---------------------------------------------------------------- sparse
-# Numba kernels over the target CSR, compiled nogil, run on gtx's threads, a range of targets each.
-# Key and value gradients land on sources: a second pass over the transposed CSR makes them, not
-# racing. One thread sums each node in a fixed order: the same bits for any thread count. No OpenMP:
-# GNU OpenMP kills a forked child using it. Kernels prefetch the rows of the edge _AHEAD on; their
-# divisions, never by 0, go unchecked (error_model="numpy"), as Numba compiles prange loops.
+# Numba kernels over the target CSR, compiled nogil, on gtx's threads (not OpenMP's: GNU OpenMP
+# kills a forked child using it), a range of targets each. Key and value gradients land on sources:
+# a second pass over the transposed CSR makes them, not racing; one thread sums each node, in a
+# fixed order, the same bits for any thread count. Kernels prefetch the rows of the edge _AHEAD on;
+# their divisions, never by 0, go unchecked (error_model="numpy"), as Numba compiles prange loops.
 SparseCache = namedtuple("SparseCache", "qkv o alpha g has_bias")
 _REASSOC = {"reassoc", "contract"}    # Numba may reorder and fuse sums to vectorise; inf, NaN kept
 SparseIndex = namedtuple("SparseIndex", "t_indptr t_pos t_dst")
@@ -700,7 +581,7 @@ def sparse_forward(q, k, v, bias, g):
     _check_memory(sparse_bytes(g, q.shape[1], q.dtype, bias is not None),
                   f"sparse backend ({g.num_edges:,} edges)")
     qkv, bias = _packed(q, k, v), _to_csr(bias, g)                     # (N, 3, H, dh)
-    o, alpha = _empty_outputs(qkv, g.num_edges)                        # (N, H, dh), (E, H)
+    o, alpha = np.empty_like(q), np.empty((g.num_edges, q.shape[1]), q.dtype)   # (N, H, dh), (E, H)
 
     def targets(nodes):
         _sparse_forward_kernel(qkv, bias, g.indptr, g.src, *nodes, o, alpha)
@@ -776,7 +657,6 @@ def sparse_backward(do, cache, dq, dk, dv):
 
 Backend = namedtuple("Backend", "forward backward")
 BACKENDS = {"naive": Backend(naive_forward, naive_backward),
-            "textbook": Backend(textbook_forward, textbook_backward),
             "dense": Backend(dense_forward, dense_backward),
             "sparse": Backend(sparse_forward, sparse_backward)}
 Cache = namedtuple("Cache", "backend x params o attention edge_bias")
@@ -826,9 +706,8 @@ def attention_weights(cache):
     if not isinstance(cache, Cache):
         raise TypeError(f"cache must be forward's second value, got {type(cache).__name__}")
     g = cache.attention.g
-    with _one_blas_thread():
-        q, k, v = _project(cache.x, cache.params)                       # (N, H, dh) each
-        alpha = sparse_forward(q, k, v, cache.edge_bias, g)[1].alpha          # (E, H) CSR order
+    q, k, v = _project(cache.x, cache.params)                           # (N, H, dh) each
+    alpha = sparse_forward(q, k, v, cache.edge_bias, g)[1].alpha        # (E, H) CSR order
     return _input_order(alpha, g)
 
 
@@ -857,7 +736,7 @@ def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
 
 
 def _check_inputs(x, g, params, backend, edge_bias, keys):
-    """x, params (the given keys) and edge_bias checked against g and each other, before any work."""
+    """x, params (the given keys) and edge_bias, checked against g and each other."""
     if not isinstance(g, Graph):
         raise TypeError(f"g must be a Graph, got {type(g).__name__}")
     if backend not in (*BACKENDS, "auto"):
@@ -867,8 +746,8 @@ def _check_inputs(x, g, params, backend, edge_bias, keys):
         raise ValueError(f"x must have shape (num_nodes={g.num_nodes}, D), got {x.shape}")
     p = _check_params(params, x.shape[1], x.dtype, keys)
     if edge_bias is not None:
-        H = p["Wq"].shape[1]
-        edge_bias = _as_float_array("edge_bias", edge_bias, x.dtype, (g.num_edges, H))
+        shape = (g.num_edges, p["Wq"].shape[1])                        # (E, H)
+        edge_bias = _as_float_array("edge_bias", edge_bias, x.dtype, shape)
     return x, p, edge_bias
 
 
@@ -901,7 +780,8 @@ def _check_params(params, D, dtype, keys):
     shapes = dict(Wq=(D, H, dh), Wk=(D, H, dh), Wv=(D, H, dh), bq=(H, dh), bk=(H, dh),
                   bv=(H, dh), Wo=(H, dh, D), bo=(D,), ln1_w=(D,), ln1_b=(D,), ln2_w=(D,),
                   ln2_b=(D,), W1=(D, F), b1=(F,), W2=(F, D), b2=(D,))
-    return {key: _as_float_array(f"params['{key}']", params[key], dtype, shapes[key]) for key in keys}
+    return {key: _as_float_array(f"params['{key}']", params[key], dtype, shapes[key])
+            for key in keys}
 
 
 # ---------------------------------------------------------------- block
@@ -909,41 +789,35 @@ def _check_params(params, D, dtype, keys):
 # residual, LayerNorm and a position-wise FFN update every node on its own. No dropout.
 #   norm_first=True:  h = x + Attn(LN1(x)),  y = h + FFN(LN2(h))      (GPT-2's pre-norm)
 #   norm_first=False: h = LN1(x + Attn(x)),  y = LN2(h + FFN(h))      (the original post-norm)
-#   LN(z) = (z - mean(z)) / sqrt(var(z) + eps) * w + b, per node, over D features (biased var)
-#   FFN(z) = act(z W1 + b1) W2 + b2, act relu or gelu(a) = a Phi(a), Phi the normal CDF (exact)
+#   LN(z) = (z - mean(z)) / sqrt(var(z) + eps) w + b over each node's D features, biased var
+#   FFN(z) = act(z W1 + b1) W2 + b2: relu, or gelu(a) = a Phi(a), Phi the normal CDF (exact)
 BLOCK_KEYS = PARAM_KEYS + ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "W1", "b1", "W2", "b2")
-ACTIVATIONS = ("relu", "gelu")
-BlockCache = namedtuple("BlockCache", "backend attention ln1 ln2 ffn params norm_first activation")
+BlockCache = namedtuple("BlockCache", "backend attention ln1 ln2 ffn params norm_first")
 
 
 def init_block(d_model, n_heads, d_ff=None, d_head=None, rng=None, dtype=np.float64):
-    """init_params' attention, LayerNorms ln1_w, ln1_b, ln2_w, ln2_b (D,) at 1 and 0, and the FFN's
-    W1 (D, F), b1 (F,), W2 (F, D), b2 (D,): Glorot-uniform weights, zero biases. F = 4 D unless
-    d_ff."""
+    """init_params' attention; LayerNorms ln1_w, ln1_b, ln2_w, ln2_b (D,) at 1 and 0; the FFN's
+    W1 (D, F) and W2 (F, D) Glorot-uniform, b1 (F,) and b2 (D,) zero; F = d_ff or 4 D."""
     rng = np.random.default_rng(rng)
     p = init_params(d_model, n_heads, d_head, rng, dtype)
-    D = d_model
-    F = 4 * D if d_ff is None else _count("d_ff", d_ff, 1)
+    D, F = d_model, 4 * d_model if d_ff is None else _count("d_ff", d_ff, 1)
     bound = math.sqrt(6 / (D + F))                  # Glorot, the same for (D, F) and (F, D)
-    p.update(ln1_w=np.ones(D, dtype), ln1_b=np.zeros(D, dtype), ln2_w=np.ones(D, dtype),
-             ln2_b=np.zeros(D, dtype), b1=np.zeros(F, dtype), b2=np.zeros(D, dtype))
-    p["W1"] = rng.uniform(-bound, bound, (D, F)).astype(dtype)
-    p["W2"] = rng.uniform(-bound, bound, (F, D)).astype(dtype)
+    for ln in ("ln1", "ln2"):
+        p[ln + "_w"], p[ln + "_b"] = np.ones(D, dtype), np.zeros(D, dtype)
+    p["W1"], p["b1"] = rng.uniform(-bound, bound, (D, F)).astype(dtype), np.zeros(F, dtype)
+    p["W2"], p["b2"] = rng.uniform(-bound, bound, (F, D)).astype(dtype), np.zeros(D, dtype)
     return p
 
 
 def layernorm_forward(z, w, b, eps):
-    """LN(z) (N, D), normalised per node over its D features, with the biased variance (as torch)."""
-    mean = z.mean(1, keepdims=True)                                     # (N, 1)
     rstd = 1 / np.sqrt(z.var(1, keepdims=True) + eps)                   # (N, 1)
-    zhat = (z - mean) * rstd                                            # (N, D)
+    zhat = (z - z.mean(1, keepdims=True)) * rstd                        # (N, D)
     return zhat * w + b, (zhat, rstd, w)
 
 
 def layernorm_backward(dout, cache):
-    """dz, dw, db of out = zhat w + b, zhat = (z - mean) rstd. In closed form (llm.c's
-    doc/layernorm): dz = rstd (dzhat - mean(dzhat) - zhat mean(dzhat zhat)), means over D."""
     zhat, rstd, w = cache
+    # backward of out = zhat w + b, zhat = (z - mean) rstd, in closed form (llm.c's doc/layernorm)
     dzhat = dout * w                                                    # (N, D)
     dz = rstd * (dzhat - dzhat.mean(1, keepdims=True)
                  - zhat * (dzhat * zhat).mean(1, keepdims=True))        # (N, D)
@@ -956,7 +830,6 @@ def _erf(a):                            # NumPy has no erf; Numba compiles math.
 
 
 def ffn_forward(z, p, activation):
-    """FFN(z) = act(z W1 + b1) W2 + b2, (N, D) -> (N, D); the cache keeps z, a and act(a)."""
     a = z @ p["W1"] + p["b1"]                                           # (N, F)
     if activation == "relu":
         f = np.maximum(a, 0)                                            # (N, F)
@@ -966,7 +839,6 @@ def ffn_forward(z, p, activation):
 
 
 def ffn_backward(dout, cache, p, grads):
-    """dz of ffn_forward; dW1, db1, dW2, db2 into grads."""
     z, a, f, activation = cache
     # backward of out = f W2 + b2
     grads["W2"], grads["b2"] = f.T @ dout, dout.sum(0)
@@ -975,7 +847,8 @@ def ffn_backward(dout, cache, p, grads):
     if activation == "relu":
         da = df * (a > 0)
     else:
-        da = df * ((1 + _erf(a / math.sqrt(2))) / 2 + a * np.exp(-a * a / 2) / math.sqrt(2 * math.pi))
+        phi = np.exp(-a * a / 2) / math.sqrt(2 * math.pi)             # (N, F)
+        da = df * ((1 + _erf(a / math.sqrt(2))) / 2 + a * phi)
     # backward of a = z W1 + b1
     grads["W1"], grads["b1"] = z.T @ da, da.sum(0)
     return da @ p["W1"].T
@@ -983,10 +856,10 @@ def ffn_backward(dout, cache, p, grads):
 
 def block_forward(x, g, params, norm_first=True, activation="gelu", eps=1e-5, backend="auto",
                   edge_bias=None):
-    """y (N, D) and a cache for block_backward: the attention of forward(), with backend and
-    edge_bias passed to it (cache.backend records the one that ran), then the node-wise update."""
+    """y (N, D) and a cache for block_backward. backend and edge_bias go to the attention, whose
+    cache records the backend that ran (cache.backend too)."""
     x, p, edge_bias = _check_inputs(x, g, params, backend, edge_bias, BLOCK_KEYS)
-    if activation not in ACTIVATIONS:
+    if activation not in ("relu", "gelu"):
         raise ValueError(f"unknown activation {activation!r}; valid ones: relu, gelu")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps must be a number > 0, got {eps!r}")
@@ -1002,14 +875,14 @@ def block_forward(x, g, params, norm_first=True, activation="gelu", eps=1e-5, ba
         h, ln1 = layernorm_forward(x + a, p["ln1_w"], p["ln1_b"], eps)   # (N, D)
         f, ffn = ffn_forward(h, p, activation)
         y, ln2 = layernorm_forward(h + f, p["ln2_w"], p["ln2_b"], eps)   # (N, D)
-    return y, BlockCache(attention.backend, attention, ln1, ln2, ffn, p, norm_first, activation)
+    return y, BlockCache(attention.backend, attention, ln1, ln2, ffn, p, norm_first)
 
 
 def block_backward(dy, cache):
     """dx (N, D) and grads, a dict with the keys of params (and "edge_bias" if forward had one)."""
     if not isinstance(cache, BlockCache):
         raise TypeError(f"cache must be block_forward's second value, got {type(cache).__name__}")
-    _, attention, ln1, ln2, ffn, p, norm_first, _ = cache
+    _, attention, ln1, ln2, ffn, p, norm_first = cache
     dy = _as_float_array("dy", dy, attention.x.dtype, attention.x.shape)
     grads = {}
     if norm_first:
@@ -1033,49 +906,42 @@ def block_backward(dy, cache):
     return dx, grads
 
 
-# A block's params under the names of torch.nn.TransformerEncoderLayer.state_dict(). torch's
-# Linear keeps its weight as (out, in), the transpose of gtx's (in, out) W1, W2 and Wo; its
-# in_proj stacks the three (H dh, D) transposes of Wq, Wk, Wv, heads as contiguous dh columns.
+# A block's params under torch.nn.TransformerEncoderLayer.state_dict()'s names. A torch Linear
+# keeps (out, in) weights, the transposes of W1, W2 and Wo's (in, out); in_proj stacks Wq, Wk, Wv's.
 TORCH_NAMES = dict(bo="self_attn.out_proj.bias", W1="linear1.weight", b1="linear1.bias",
                    W2="linear2.weight", b2="linear2.bias", ln1_w="norm1.weight",
                    ln1_b="norm1.bias", ln2_w="norm2.weight", ln2_b="norm2.bias")
+TORCH_QKV = ("self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight")
 
 
 def block_to_torch(params):
-    """{state_dict name: NumPy array}, new arrays; load with torch.from_numpy on each."""
-    p = _check_params(params, np.shape(params.get("Wq"))[0], None, BLOCK_KEYS)
+    """{state_dict name: a new NumPy array}: torch.from_numpy each, then load_state_dict."""
+    p = {key: np.asarray(params[key]) for key in BLOCK_KEYS}
     D, H, dh = p["Wq"].shape
     sd = {name: p[key].copy() for key, name in TORCH_NAMES.items()}
     sd["linear1.weight"], sd["linear2.weight"] = p["W1"].T.copy(), p["W2"].T.copy()
-    sd["self_attn.in_proj_weight"] = np.concatenate(
-        [p[w].reshape(D, H * dh).T for w in ("Wq", "Wk", "Wv")])        # (3 H dh, D)
-    sd["self_attn.in_proj_bias"] = np.concatenate([p[b].reshape(H * dh) for b in ("bq", "bk", "bv")])
-    sd["self_attn.out_proj.weight"] = p["Wo"].reshape(H * dh, D).T.copy()   # (D, H dh)
+    sd[TORCH_QKV[0]] = np.concatenate([p[w].reshape(D, H * dh).T for w in ("Wq", "Wk", "Wv")])
+    sd[TORCH_QKV[1]] = np.concatenate([p[b].reshape(H * dh) for b in ("bq", "bk", "bv")])
+    sd[TORCH_QKV[2]] = p["Wo"].reshape(H * dh, D).T.copy()               # (D, H dh)
     return sd
 
 
 def block_from_torch(state_dict, n_heads):
-    """A block's params, new NumPy arrays, from a TransformerEncoderLayer's state_dict (tensors
-    or arrays): block_to_torch's inverse."""
-    names = [*TORCH_NAMES.values(), "self_attn.in_proj_weight", "self_attn.in_proj_bias",
-             "self_attn.out_proj.weight"]
-    missing = [name for name in names if name not in state_dict]
+    """block_to_torch's inverse: new NumPy params from a state_dict of tensors or arrays."""
+    missing = [name for name in (*TORCH_NAMES.values(), *TORCH_QKV) if name not in state_dict]
     if missing:
         raise ValueError(f"state_dict is missing {missing}")
-    sd = {name: np.array(state_dict[name]) for name in names}           # copies
-    D = sd["norm1.weight"].size
-    H = _count("n_heads", n_heads, 1)
-    if sd["self_attn.in_proj_weight"].shape != (3 * D, D) or D % H:
-        raise ValueError(f"in_proj_weight must be (3 D, D) with D = {D} divisible by n_heads = {H}"
-                         f", got {sd['self_attn.in_proj_weight'].shape}")
+    sd = {name: np.asarray(state_dict[name]).copy() for name in (*TORCH_NAMES.values(), *TORCH_QKV)}
+    D, H = sd["norm1.weight"].size, _count("n_heads", n_heads, 1)
+    if sd[TORCH_QKV[0]].shape != (3 * D, D) or D % H:
+        raise ValueError(f"in_proj_weight must be (3 D, D), D = {D} a multiple of n_heads = {H}, "
+                         f"got {sd[TORCH_QKV[0]].shape}")
     p = {key: sd[name] for key, name in TORCH_NAMES.items()}
     p["W1"], p["W2"] = p["W1"].T.copy(), p["W2"].T.copy()
-    w_qkv = np.split(sd["self_attn.in_proj_weight"], 3)                 # (D, D) each, (out, in)
-    b_qkv = np.split(sd["self_attn.in_proj_bias"], 3)                   # (D,) each
-    for n, c in enumerate("qkv"):
-        p["W" + c] = w_qkv[n].T.reshape(D, H, D // H)                   # reshape of a .T: a copy
-        p["b" + c] = b_qkv[n].reshape(H, D // H)
-    p["Wo"] = sd["self_attn.out_proj.weight"].T.reshape(H, D // H, D)
+    for n, c in enumerate("qkv"):                   # in_proj's rows n D : (n + 1) D, (out, in)
+        p["W" + c] = sd[TORCH_QKV[0]][n * D:(n + 1) * D].T.reshape(D, H, D // H)   # a copy
+        p["b" + c] = sd[TORCH_QKV[1]][n * D:(n + 1) * D].reshape(H, D // H)
+    p["Wo"] = sd[TORCH_QKV[2]].T.reshape(H, D // H, D)
     return p
 
 
@@ -1089,35 +955,8 @@ def sinusoidal_pe(n, d):
     return pe
 
 
-def laplacian_pe(g, k, rng=None):
-    """(N, k) Laplacian eigenvector encodings (Dwivedi & Bresson 2020): eigenvectors of L = I -
-    D^-1/2 A D^-1/2 on the undirected g, self-loops ignored, ascending, the first dropped. An
-    isolated node has D^-1/2 = 0, so its indicator is an eigenvector, eigenvalue 1. Sign: in each
-    column the entry of largest magnitude (the first on ties) is positive; with an rng, signs are
-    then flipped at random, as in training. Columns past N - 1 are 0. O(N^3) time, 4 N^2 floats."""
-    if not isinstance(g, Graph):
-        raise TypeError(f"g must be a Graph, got {type(g).__name__}")
-    k = _count("k", k)
-    N = g.num_nodes
-    _check_memory(4 * 8 * N * N, f"laplacian_pe: the dense eigendecomposition of an {N} x {N} L")
-    src, dst = g.edge_index
-    A = np.zeros((N, N))                                                # (N, N) symmetric
-    A[dst, src] = A[src, dst] = 1
-    np.fill_diagonal(A, 0)
-    deg = A.sum(1)
-    d = np.divide(1, np.sqrt(deg), out=np.zeros(N), where=deg > 0)     # (N,) D^-1/2, 0 if isolated
-    _, U = np.linalg.eigh(np.eye(N) - d[:, None] * A * d[None, :])     # ascending eigenvalues
-    U = U[:, 1:k + 1]                                                   # (N, min(k, N-1))
-    if U.size:
-        U = U * np.sign(U[np.abs(U).argmax(0), np.arange(U.shape[1])])
-    if rng is not None:
-        U = U * np.random.default_rng(rng).choice([-1.0, 1.0], U.shape[1])
-    return np.pad(U, ((0, 0), (0, k - U.shape[1])))
-
-
 # ---------------------------------------------------------------- systems plumbing
-# What serves speed but teaches nothing about attention: threads, BLAS limits, prefetch hints,
-# the memory reading behind the MemoryError guards.
+# What serves speed or safety but teaches nothing about attention: threads, BLAS, memory guards.
 
 def available_bytes():               # what the OS can hand out now, on any OS
     return psutil.virtual_memory().available
@@ -1136,9 +975,10 @@ def _node_ranges(g, by_source=False):
     def build():
         indptr = _sparse_index(g).t_indptr if by_source else g.indptr
         work = indptr + np.arange(indptr.size)                          # (N+1,) increasing
-        cuts = np.searchsorted(work, np.linspace(0, work[-1], _threads() + 1)).tolist()
+        n = nb.get_num_threads()
+        cuts = np.searchsorted(work, np.linspace(0, work[-1], n + 1)).tolist()
         return list(zip(cuts[:-1], cuts[1:]))
-    return g.derived(("ranges", by_source, _threads()), build)
+    return g.derived(("ranges", by_source, nb.get_num_threads()), build)
 
 
 _AHEAD = 8              # edges prefetched ahead: sparse 1.68x, powerlaw 1.25x faster than none
@@ -1189,10 +1029,6 @@ def _mxcsr(value):
 
 
 _NO_DENORMALS = np.uint32(0x9FC0) if platform.machine().lower() in ("x86_64", "amd64") else None
-
-
-def _threads():                         # Numba's thread count (NUMBA_NUM_THREADS, set_num_threads)
-    return nb.get_num_threads()
 
 
 _BLAS = ThreadpoolController()
@@ -1246,7 +1082,7 @@ def _buffer(key, n, dtype):
 def _lanes(blocks):
     """The dense blocks in contiguous runs of about equal work, one per thread (a lane), largest
     block first: a thread's buffers are made once, at their largest (causal peak 187 -> 132 MiB)."""
-    n = _threads()
+    n = nb.get_num_threads()
     work = np.cumsum([b.R * b.C for b in blocks] or [0])
     cuts = [0, *np.searchsorted(work, work[-1] * np.arange(1, n) / n, "right"), len(blocks)]
     lanes = [blocks[a:z] for a, z in zip(cuts[:-1], cuts[1:])]
@@ -1257,7 +1093,7 @@ def _map_threads(fn, items):
     """list(map(fn, items)) on Numba's count of threads, this one too, a run of items each (not a
     task each: one costs tens of microseconds to hand to a thread), with denormals as zero."""
     items = list(items)
-    n = min(_threads(), len(items))
+    n = min(nb.get_num_threads(), len(items))
     runs = [items[c * len(items) // n:(c + 1) * len(items) // n] for c in range(n)]
 
     def each(run):                      # on x86: see _swap_mxcsr
@@ -1275,12 +1111,6 @@ def _map_threads(fn, items):
     finally:
         for _ in rest:                  # wait for the other threads, also when this one raised
             pass
-
-
-@nb.njit(cache=True)
-def _empty_outputs(qkv, E):     # sparse's o, alpha: numpy's fresh pages, advised huge, fault slower
-    N, _, H, dh = qkv.shape
-    return np.empty((N, H, dh), qkv.dtype), np.empty((E, H), qkv.dtype)
 
 
 def _packed(q, k, v):
@@ -1307,7 +1137,7 @@ def _matmuls(*products, min_work=2**22):
         M, K = a.shape
         n = b.shape[1]
         outs.append(np.empty((M, n), np.result_type(a, b)) if out is None else out.reshape(M, n))
-        k = max(1, min(_threads() // len(products), M * K * n // min_work))
+        k = max(1, min(nb.get_num_threads() // len(products), M * K * n // min_work))
         for c in (slice(c * max(M, n) // k, (c + 1) * max(M, n) // k) for c in range(k)):
             blocks.append((a, b, outs[-1], add, (c, slice(None)) if M >= n else (slice(None), c)))
 
