@@ -214,7 +214,7 @@ def measure_workload(name, spec, D, H, dh, cfg, dtype, print_row):
     return rec
 
 
-def measure_peaked(rec, dtype, repeats, scale=4.0):
+def measure_peaked(rec, dtype, repeats, scale=8.0):
     """Dense on sharply peaked attention (Wq and Wk scaled, as a trained model's can be), as gtx
     runs it, with denormal floats counted as 0 in its threads (x86), and with that switched off:
     median seconds of each and their outputs' relative difference, or None where gtx does not flush."""
