@@ -129,6 +129,21 @@ def edge_scores(g, x, p, eb=None):
 
 # ---------------------------------------------------------------- 1. gradients
 
+def central_differences(loss, a):
+    """d loss / d a by float64 central differences, each entry of a perturbed in place (our own
+    copies) and restored."""
+    numeric = np.empty(a.size)
+    for f in range(a.size):
+        old = a.flat[f]
+        a.flat[f] = old + FD_EPS
+        lp = loss()
+        a.flat[f] = old - FD_EPS
+        lm = loss()
+        a.flat[f] = old
+        numeric[f] = (lp - lm) / (2 * FD_EPS)
+    return numeric.reshape(a.shape)
+
+
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "edge_bias"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_match_central_differences(backend, bias):
@@ -143,16 +158,7 @@ def test_gradients_match_central_differences(backend, bias):
 
     tensors = {"x": x, **p, **({"edge_bias": eb} if bias else {})}
     for name, a in tensors.items():
-        numeric = np.empty(a.size)
-        for f in range(a.size):           # perturb in place (our own copies), then restore
-            old = a.flat[f]
-            a.flat[f] = old + FD_EPS
-            lp = loss()
-            a.flat[f] = old - FD_EPS
-            lm = loss()
-            a.flat[f] = old
-            numeric[f] = (lp - lm) / (2 * FD_EPS)
-        assert_close(f"{backend} d{name}", out["d" + name], numeric.reshape(a.shape), FD_RTOL, FD_ATOL)
+        assert_close(f"{backend} d{name}", out["d" + name], central_differences(loss, a), FD_RTOL, FD_ATOL)
 
 
 # ---------------------------------------------------------------- 2. backends agree
@@ -1069,16 +1075,7 @@ def test_block_gradients_match_central_differences(norm_first, activation):
         return np.sum(gtx.block_forward(x, g, p, backend="naive", edge_bias=eb, **kw)[0] * dy)
 
     for name, a in {"x": x, **p, "edge_bias": eb}.items():
-        numeric = np.empty(a.size)
-        for f in range(a.size):           # perturb in place (our own copies), then restore
-            old = a.flat[f]
-            a.flat[f] = old + FD_EPS
-            lp = loss()
-            a.flat[f] = old - FD_EPS
-            lm = loss()
-            a.flat[f] = old
-            numeric[f] = (lp - lm) / (2 * FD_EPS)
-        assert_close(f"block {kw} d{name}", out["d" + name], numeric.reshape(a.shape), FD_RTOL, FD_ATOL)
+        assert_close(f"block {kw} d{name}", out["d" + name], central_differences(loss, a), FD_RTOL, FD_ATOL)
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
