@@ -304,15 +304,15 @@ def naive_backward(do, cache, dq, dk, dv):
 # ---------------------------------------------------------------- dense
 # The Transformer's attention as a textbook writes it, per head, in FlashAttention's notation:
 # S = Q K^T / sqrt(dh) (+ bias) over all N^2 pairs, -inf where j -> i is not an edge; m and l,
-# each row's max and sum of exp(S - m), m = 0 in rows without edges; P = exp(S - m) / l, O = P V,
-# and lse = m + log l, so that P = exp(S - lse). Backward: dV = P^T dO, dP = dO V^T, delta =
-# rowsum(P dP) = rowsum(dO O), dS = P (dP - delta), dQ = dS K / sqrt(dh), dK = dS^T Q / sqrt(dh).
+# each row's max and sum of exp(S - m), m = 0, l = 1 in rows without edges; P = exp(S - m) / l,
+# O = P V, lse = m + log l, so P = exp(S - lse). Backward: dV = P^T dO, dP = dO V^T, delta =
+# rowsum(P * dP) = rowsum(dO * O), dS = P (dP - delta), dQ = dS K / sqrt(dh), dK = dS^T Q/sqrt(dh).
 # dense_forward computes that, except (time without each / with, EPYC):
 # - blocks of target rows, each against only the source columns its rows need (dense_blocks):
 #   nothing N^2 is kept, and the backward recomputes each block's P from lse, as FlashAttention;
 # - columns ride in the matmuls, so that the passes over a block add and sum less (_heads_first):
 #   v's ones give pass 3's l in pass 4's P V; in the backward, q's last column holds -lse and do's
-#   -delta, so the matmuls give s - lse and dP - delta: long 1.12x, powerlaw 1.10x;
+#   -delta, so the matmuls give s - lse and dP - delta: long 1.12x, powerlaw 1.10x (bound shift on);
 # - blocks run in lanes, a contiguous run of blocks per thread, each lane adding into its own dk
 #   and dv (no two threads write a row): powerlaw 1.60x, transformer 1.29x, window 1.25x;
 # - scratch arrays are per-thread buffers, kept from call to call (_buffer): window 1.30x.
@@ -423,7 +423,7 @@ def _heads_first(arrays, scales):
 
 def _scores(qh, kh, bias, g, b, s):
     """Pass 1 for block b: s (H, R, C) = qh[:, rows] kh[:, cols]^T, + bias at edges and -inf at
-    non-edges. qh, kh (H, N, dh + 1): q and k / sqrt(dh), heads first, with their last columns."""
+    non-edges. qh, kh (H, N, dh + 1): q, and k / sqrt(dh), heads first, with their last columns."""
     np.matmul(qh[:, b.rows], kh[:, b.cols].transpose(0, 2, 1), out=s)
     if bias is not None:            # bias at edges, -inf elsewhere
         tile = _buffer("dense tile", s.size, s.dtype).reshape(s.shape)
@@ -776,7 +776,7 @@ def _check_params(params, D, dtype, keys):
         raise ValueError(f"x has D={D} features but params['Wq'] has shape {Wq.shape}: "
                          f"Wq must be (D, H, dh)")
     _, H, dh = Wq.shape
-    F = np.size(params.get("b1"))                   # a block's FFN width
+    F = np.size(params["W1"]) // max(D, 1) if "W1" in keys else 0   # a block's FFN width
     shapes = dict(Wq=(D, H, dh), Wk=(D, H, dh), Wv=(D, H, dh), bq=(H, dh), bk=(H, dh),
                   bv=(H, dh), Wo=(H, dh, D), bo=(D,), ln1_w=(D,), ln1_b=(D,), ln2_w=(D,),
                   ln2_b=(D,), W1=(D, F), b1=(F,), W2=(F, D), b2=(D,))
@@ -787,10 +787,6 @@ def _check_params(params, D, dtype, keys):
 # ---------------------------------------------------------------- block
 # A Transformer layer is a GNN layer: attention aggregates each node's in-neighbours, then a
 # residual, LayerNorm and a position-wise FFN update every node on its own. No dropout.
-#   norm_first=True:  h = x + Attn(LN1(x)),  y = h + FFN(LN2(h))      (GPT-2's pre-norm)
-#   norm_first=False: h = LN1(x + Attn(x)),  y = LN2(h + FFN(h))      (the original post-norm)
-#   LN(z) = (z - mean(z)) / sqrt(var(z) + eps) w + b over each node's D features, biased var
-#   FFN(z) = act(z W1 + b1) W2 + b2: relu, or gelu(a) = a Phi(a), Phi the normal CDF (exact)
 BLOCK_KEYS = PARAM_KEYS + ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "W1", "b1", "W2", "b2")
 BlockCache = namedtuple("BlockCache", "backend attention ln1 ln2 ffn params norm_first")
 
@@ -856,25 +852,28 @@ def ffn_backward(dout, cache, p, grads):
 
 def block_forward(x, g, params, norm_first=True, activation="gelu", eps=1e-5, backend="auto",
                   edge_bias=None):
-    """y (N, D) and a cache for block_backward. backend and edge_bias go to the attention, whose
-    cache records the backend that ran (cache.backend too)."""
+    """y (N, D) and a cache for block_backward; Attn is gtx.forward, given backend and edge_bias:
+    norm_first=True:  h = x + Attn(LN1(x)),  y = h + FFN(LN2(h))      (GPT-2's pre-norm)
+    norm_first=False: h = LN1(x + Attn(x)),  y = LN2(h + FFN(h))      (the original post-norm)
+    LN(z) = (z - mean(z)) / sqrt(var(z) + eps) w + b over each node's D features, biased var
+    FFN(z) = act(z W1 + b1) W2 + b2, act relu or gelu(a) = a Phi(a), Phi the normal CDF (exact)"""
     x, p, edge_bias = _check_inputs(x, g, params, backend, edge_bias, BLOCK_KEYS)
     if activation not in ("relu", "gelu"):
         raise ValueError(f"unknown activation {activation!r}; valid ones: relu, gelu")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a number > 0, got {eps!r}")
+    if not isinstance(eps, (int, float, np.floating)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     if norm_first:
         z1, ln1 = layernorm_forward(x, p["ln1_w"], p["ln1_b"], eps)     # (N, D)
-        a, attention = forward(z1, g, p, backend, edge_bias)
-        h = x + a                                                       # (N, D)
+        attn, attention = forward(z1, g, p, backend, edge_bias)         # (N, D) Attn(LN1(x))
+        h = x + attn                                                    # (N, D)
         z2, ln2 = layernorm_forward(h, p["ln2_w"], p["ln2_b"], eps)
-        f, ffn = ffn_forward(z2, p, activation)
-        y = h + f                                                       # (N, D)
+        update, ffn = ffn_forward(z2, p, activation)                    # (N, D) FFN(LN2(h))
+        y = h + update                                                  # (N, D)
     else:
-        a, attention = forward(x, g, p, backend, edge_bias)
-        h, ln1 = layernorm_forward(x + a, p["ln1_w"], p["ln1_b"], eps)   # (N, D)
-        f, ffn = ffn_forward(h, p, activation)
-        y, ln2 = layernorm_forward(h + f, p["ln2_w"], p["ln2_b"], eps)   # (N, D)
+        attn, attention = forward(x, g, p, backend, edge_bias)          # (N, D) Attn(x)
+        h, ln1 = layernorm_forward(x + attn, p["ln1_w"], p["ln1_b"], eps)   # (N, D)
+        update, ffn = ffn_forward(h, p, activation)                     # (N, D) FFN(h)
+        y, ln2 = layernorm_forward(h + update, p["ln2_w"], p["ln2_b"], eps)   # (N, D)
     return y, BlockCache(attention.backend, attention, ln1, ln2, ffn, p, norm_first)
 
 
@@ -886,20 +885,20 @@ def block_backward(dy, cache):
     dy = _as_float_array("dy", dy, attention.x.dtype, attention.x.shape)
     grads = {}
     if norm_first:
-        # backward of y = h + FFN(LN2(h))
+        # backward of y = h + FFN(LN2(h)); grad_h is dL/dh (N, D)
         dz2 = ffn_backward(dy, ffn, p, grads)
-        dh, grads["ln2_w"], grads["ln2_b"] = layernorm_backward(dz2, ln2)
-        dh += dy
+        grad_h, grads["ln2_w"], grads["ln2_b"] = layernorm_backward(dz2, ln2)
+        grad_h += dy
         # backward of h = x + Attn(LN1(x))
-        dz1, attention_grads = backward(dh, attention)
+        dz1, attention_grads = backward(grad_h, attention)
         dx, grads["ln1_w"], grads["ln1_b"] = layernorm_backward(dz1, ln1)
-        dx += dh
+        dx += grad_h
     else:
-        # backward of y = LN2(h + FFN(h))
+        # backward of y = LN2(h + FFN(h)); dr is dL/dr of LN's input r (N, D)
         dr, grads["ln2_w"], grads["ln2_b"] = layernorm_backward(dy, ln2)
-        dh = dr + ffn_backward(dr, ffn, p, grads)
+        grad_h = dr + ffn_backward(dr, ffn, p, grads)
         # backward of h = LN1(x + Attn(x))
-        dr, grads["ln1_w"], grads["ln1_b"] = layernorm_backward(dh, ln1)
+        dr, grads["ln1_w"], grads["ln1_b"] = layernorm_backward(grad_h, ln1)
         dx, attention_grads = backward(dr, attention)
         dx += dr
     grads.update(attention_grads)
@@ -915,7 +914,7 @@ TORCH_QKV = ("self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.ou
 
 
 def block_to_torch(params):
-    """{state_dict name: a new NumPy array}: torch.from_numpy each, then load_state_dict."""
+    """{state_dict name: a new NumPy array}, to load with torch.from_numpy; torch needs D = H dh."""
     p = {key: np.asarray(params[key]) for key in BLOCK_KEYS}
     D, H, dh = p["Wq"].shape
     sd = {name: p[key].copy() for key, name in TORCH_NAMES.items()}
@@ -927,19 +926,20 @@ def block_to_torch(params):
 
 
 def block_from_torch(state_dict, n_heads):
-    """block_to_torch's inverse: new NumPy params from a state_dict of tensors or arrays."""
+    """block_to_torch's inverse: new NumPy params from a state_dict (arrays, detached tensors)."""
     missing = [name for name in (*TORCH_NAMES.values(), *TORCH_QKV) if name not in state_dict]
     if missing:
         raise ValueError(f"state_dict is missing {missing}")
     sd = {name: np.asarray(state_dict[name]).copy() for name in (*TORCH_NAMES.values(), *TORCH_QKV)}
-    D, H = sd["norm1.weight"].size, _count("n_heads", n_heads, 1)
+    D = sd["norm1.weight"].size
+    H = _count("n_heads", n_heads, 1)
     if sd[TORCH_QKV[0]].shape != (3 * D, D) or D % H:
         raise ValueError(f"in_proj_weight must be (3 D, D), D = {D} a multiple of n_heads = {H}, "
                          f"got {sd[TORCH_QKV[0]].shape}")
     p = {key: sd[name] for key, name in TORCH_NAMES.items()}
     p["W1"], p["W2"] = p["W1"].T.copy(), p["W2"].T.copy()
     for n, c in enumerate("qkv"):                   # in_proj's rows n D : (n + 1) D, (out, in)
-        p["W" + c] = sd[TORCH_QKV[0]][n * D:(n + 1) * D].T.reshape(D, H, D // H)   # a copy
+        p["W" + c] = sd[TORCH_QKV[0]][n * D:(n + 1) * D].T.reshape(D, H, D // H)   # of sd's copy
         p["b" + c] = sd[TORCH_QKV[1]][n * D:(n + 1) * D].reshape(H, D // H)
     p["Wo"] = sd[TORCH_QKV[2]].T.reshape(H, D // H, D)
     return p
@@ -1010,7 +1010,7 @@ def _prefetch_bytes(a, i, start, stop):                 # bytes start:stop of ro
 
 # While gtx's threads work, x86's MXCSR is 0x9FC0 (its default 0x1F80 | FTZ | DAZ): denormal floats
 # count as 0. On an Intel Xeon, BLAS and exp slow ~100x on each, and peaked attention makes many
-# (Wq, Wk x8: dense 468 -> 31 ms; an AMD EPYC did not slow). No library sets MXCSR from Python.
+# (Wq, Wk x8: dense 492 -> 35 ms; an AMD EPYC did not slow). No library sets MXCSR from Python.
 @intrinsic
 def _swap_mxcsr(typingctx, value):      # x86: value into this thread's MXCSR; -> the old value
     def codegen(context, builder, sig, args):

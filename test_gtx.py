@@ -2,10 +2,11 @@
 
 Three layers, each trusting only the one before it:
   1. float64 central differences check every gradient of every backend;
-  2. the four backends agree on corner-case and random graphs;
+  2. the three backends agree on corner-case and random graphs;
   3. on complete / causal graphs the layer equals textbook (GPT-style) attention.
 Then: attention-weight invariants, stability, bad input, positional encodings,
-per-edge bias, a small training run, and the benchmark smoke test.
+per-edge bias, a small training run, the Transformer block (against central differences, the
+backends, a textbook layer and torch), bench.py's GPT, and the benchmark smoke test.
 """
 import math
 import os
@@ -25,8 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench  # noqa: E402  (bench.py: the benchmark, its learning experiment and laplacian_pe)
 BACKENDS = gtx.BACKENDS
-# textbook's P V over all N^2 pairs, and dense's over a block's, let 0 * NaN through non-edges,
-# by design (gtx.py says so): an inf or NaN input reaches more than in the per-edge backends
+# dense's P V over a block's pairs lets 0 * NaN through non-edges, by design (gtx.py says so): an
+# inf or NaN input reaches more than in the per-edge backends
 NAN_SAFE = ["naive", "sparse"]
 F64, F32 = np.float64, np.float32
 PARAM_KEYS = ("Wq", "Wk", "Wv", "bq", "bk", "bv", "Wo", "bo")
@@ -129,11 +130,11 @@ def edge_scores(g, x, p, eb=None):
 
 # ---------------------------------------------------------------- 1. gradients
 
-def central_differences(loss, a):
+def central_differences(loss, a, entries=None):
     """d loss / d a by float64 central differences, each entry of a perturbed in place (our own
-    copies) and restored."""
+    copies) and restored: shaped as a, or at the given flat entries only."""
     numeric = np.empty(a.size)
-    for f in range(a.size):
+    for f in range(a.size) if entries is None else entries:
         old = a.flat[f]
         a.flat[f] = old + FD_EPS
         lp = loss()
@@ -141,7 +142,7 @@ def central_differences(loss, a):
         lm = loss()
         a.flat[f] = old
         numeric[f] = (lp - lm) / (2 * FD_EPS)
-    return numeric.reshape(a.shape)
+    return numeric.reshape(a.shape) if entries is None else numeric[entries]
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "edge_bias"])
@@ -693,6 +694,26 @@ def test_nonfinite_feature_reaches_in_backward_only_what_naive_reaches(graph):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")   # NaN inputs: expected
+@pytest.mark.parametrize("graph", ["components", "window", "random0"])
+def test_dense_lets_a_nonfinite_feature_reach_its_blocks(graph):
+    """dense's P V over a block's pairs passes 0 * NaN at non-edges: an inf or NaN feature of node j
+    reaches every row naive reaches and, beyond them, only j's own row (its q) and rows of blocks
+    whose columns hold j."""
+    g = GRAPHS[graph]()
+    for bad_node in range(g.num_nodes):
+        x, p, dy, _ = make_inputs(g, seed=24, bias=False)
+        x[bad_node] = np.nan if bad_node % 2 else np.inf
+        want = ~np.isfinite(run("naive", g, x, p, dy)["y"]).any(1)
+        got = ~np.isfinite(run("dense", g, x, p, dy)["y"]).any(1)
+        blocks = np.zeros(g.num_nodes, bool)           # bad_node's row, rows of blocks with its column
+        blocks[bad_node] = True
+        for b in gtx.dense_blocks(g):
+            blocks[b.rows] |= bool(np.isin(bad_node, np.r_[b.cols]))
+        assert (got >= want).all(), f"{graph}: dense misses rows {np.flatnonzero(want & ~got)} (bad node {bad_node})"
+        assert not (got & ~blocks & ~want).any(), f"{graph}: dense reached rows outside the blocks of {bad_node}"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")   # NaN inputs: expected
 @pytest.mark.parametrize("graph", ["components", "batch", "isolated_nodes"])
 def test_nonfinite_edge_bias_reaches_only_what_naive_reaches(graph):
     """An inf or NaN edge bias at edge e: in y and dx, the same rows as naive's are non-finite."""
@@ -1161,14 +1182,22 @@ def test_block_bad_input_and_no_mutation():
     cases = {"activation": dict(activation="tanh"), "eps": dict(eps=0.0), "eps ": dict(eps="1e-5"),
              "backend": dict(backend="fast"), "edge_bias": dict(edge_bias=eb[:-1]),
              "missing": dict(params={k: v for k, v in p.items() if k != "W2"}),
-             "W1": dict(params=dict(p, W1=p["W1"][:, :-1])), "ln2_w": dict(params=dict(p, ln2_w=p["ln2_w"][:-1])),
-             "x": dict(x=x[:, :-1]), "float32": dict(x=x.astype(F32)), "g": dict(g=g.edge_index)}
+             "W1": dict(params=dict(p, W1=p["W1"][:-1])), "ln2_w": dict(params=dict(p, ln2_w=p["ln2_w"][:-1])),
+             "b1": dict(params=dict(p, b1=p["b1"][:-1])), "b2": dict(params=dict(p, b2=p["b2"][:-1])),
+             "x has D=": dict(x=x[:, :-1]), "float32": dict(x=x.astype(F32)), "must be a Graph": dict(g=g.edge_index)}
     for what, kw in cases.items():
         args = dict(x=x, g=g, params=p) | kw
         with pytest.raises(BAD, match=what.strip().replace("missing", "W2").replace("float32", "dtype")):
             gtx.block_forward(args.pop("x"), args.pop("g"), args.pop("params"), **args)
+    for norm_first, activation in BLOCK_VARIANTS:       # no variant changes its inputs
+        y, c = gtx.block_forward(x, g, p, norm_first, activation, edge_bias=eb)
+        gtx.block_backward(dy, c)
+        for a, b in zip((x, dy, eb, *p.values()), before):
+            assert np.array_equal(a, b), f"{norm_first} {activation}: an input was changed"
     with pytest.raises(BAD, match="dy"):
         gtx.block_backward(dy[:-1], cache)
+    with pytest.raises(BAD, match="dy"):
+        gtx.block_backward(dy.astype(F32), cache)
     with pytest.raises(TypeError, match="block_forward"):
         gtx.block_backward(dy, gtx.forward(x, g, p)[1])
     with pytest.raises(ValueError, match="missing"):
@@ -1191,7 +1220,7 @@ def test_block_torch_names_round_trip():
 def torch_block_check(torch, g, mask, causal):
     """gtx's block against torch's TransformerEncoderLayer, float64: every output and gradient's
     relative error (bk's gradient is 0 up to round-off: its error is relative to Wk's gradient)."""
-    N, D, H, F = g.num_nodes, 8, 2, 12
+    D, H, F = 8, 2, 12
     x, p, dy, _ = block_inputs(g, D=D, H=H, dh=D // H, F=F, seed=44, bias=False)
     worst = {}
     for norm_first, activation in BLOCK_VARIANTS:
@@ -1230,6 +1259,31 @@ def test_block_matches_torch_transformer_encoder_layer():
     for name, (g, mask, causal) in graphs.items():
         worst = torch_block_check(torch, g, mask, causal)
         print(f"{name}: worst relative errors " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+
+
+def test_gpt_gradients_match_central_differences():
+    """bench.py's GPT: the gradients of its mean cross-entropy, through the embedding, both blocks
+    and the head, against float64 central differences, at 12 entries of each tensor."""
+    c = dict(bench.GPT["test"], T=6, B=2, D=8, H=2)
+    rng = np.random.default_rng(48)
+    vocab, train, _ = bench.gpt_data()
+    P = bench.gpt_init(len(vocab), c, rng, F64)
+    P = {k: a + 0.1 * rng.standard_normal(a.shape) for k, a in P.items()}   # no zero biases
+    tokens = bench.gpt_batch(train, rng, c["B"], c["T"])
+    _, grads = bench.gpt_loss(P, tokens, backend="sparse")
+    assert grads.keys() == P.keys()
+
+    def loss():
+        return bench.gpt_loss(P, tokens, backend="sparse", with_grads=False)[0]
+    rows = np.unique(tokens[:, :-1])                                # the embedding rows the batch uses
+    for name in P:
+        flat = np.arange(P[name].size)
+        if name == "emb":
+            flat = (rows[:, None] * c["D"] + np.arange(c["D"])).ravel()
+        entries = rng.choice(flat, min(12, flat.size), replace=False)
+        scale = np.abs(grads[name]).max()                           # the whole tensor's, not the 12's
+        assert_close(f"gpt d{name}", grads[name].flat[entries], central_differences(loss, P[name], entries),
+                     0, FD_RTOL * scale + FD_ATOL)
 
 
 @pytest.mark.parametrize("backend", ["dense", "sparse"])
@@ -1284,6 +1338,7 @@ def test_bench_quick_runs():
                        capture_output=True, text=True, timeout=150)
     assert r.returncode == 0, f"bench.py --quick failed:\n{r.stderr[-3000:]}"
     assert "transformer (N=" in r.stdout and "crossover" in r.stdout, r.stdout[-3000:]
+    assert "held-out bits/char: model" in r.stdout and "a GPT on causal graphs" in r.stdout, r.stdout[-3000:]
     assert "MISMATCH" not in r.stdout, r.stdout[-3000:]
     wide = [line for line in r.stdout.splitlines() if len(line) > 100 and not line.startswith(("json", "plot"))]
     assert not wide, f"the output must fit in 100 columns: {wide}"
