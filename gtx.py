@@ -1010,7 +1010,7 @@ def _prefetch_bytes(a, i, start, stop):                 # bytes start:stop of ro
 
 # While gtx's threads work, x86's MXCSR is 0x9FC0 (its default 0x1F80 | FTZ | DAZ): denormal floats
 # count as 0. On an Intel Xeon, BLAS and exp slow ~100x on each, and peaked attention makes many
-# (Wq, Wk x8: dense 492 -> 35 ms; an AMD EPYC did not slow). No library sets MXCSR from Python.
+# (Wq, Wk x8: dense 522 -> 41 ms; an AMD EPYC did not slow). No library sets MXCSR from Python.
 @intrinsic
 def _swap_mxcsr(typingctx, value):      # x86: value into this thread's MXCSR; -> the old value
     def codegen(context, builder, sig, args):
