@@ -282,12 +282,12 @@ def naive_backward(do, cache, dq, dk, dv):
     src, dst = g.edge_index                                             # (E,) each
     N, H, dh = q.shape
     dq[:], dk[:], dv[:] = 0, 0, 0                   # the loops below add into them
-    # backward of pass 4: o[i] += alpha[e] * v[j]
+    # backward of pass 4's sum: o[i] += alpha[e] * v[j]
     dalpha = np.empty_like(alpha)                                       # (E, H)
     for e, (j, i) in enumerate(zip(src, dst)):
         dalpha[e] = (do[i] * v[j]).sum(-1)
         dv[j] += alpha[e][:, None] * do[i]
-    # backward of passes 2 and 3, the softmax: ds[e] = alpha[e] (dalpha[e] - delta[i])
+    # backward of the softmax, passes 2-4's alpha: ds[e] = alpha[e] (dalpha[e] - delta[i])
     delta = np.zeros((N, H), q.dtype)               # (N, H) sum over i's in-edges of alpha dalpha
     for e, i in enumerate(dst):
         delta[i] += alpha[e] * dalpha[e]
@@ -486,11 +486,11 @@ def dense_backward(do, cache, dq, dk, dv):
             t = _buffer("dense pv, t", H * b.C * dh, do.dtype).reshape(H, b.C, dh)
             # passes 1-3 again: P = exp([q, -lse] [k / sqrt(dh), 1]^T) = exp(s - lse)
             p = np.exp(_scores(qh, kh, bias, g, b, s), out=s)            # (H, R, C)
-            # backward of pass 4, o = P V: dV = P^T do, and [do, -delta] [v, 1]^T = dP - delta
+            # backward of o = P V: dV = P^T do, and [do, -delta] [v, 1]^T = dP - delta
             np.matmul(p.transpose(0, 2, 1), doh[:, b.rows, :dh], out=t)
             dv_l[:, b.cols] += t
             np.matmul(doh[:, b.rows], vh[:, b.cols].transpose(0, 2, 1), out=dp)
-            # backward of passes 2 and 3, the softmax: dS = P (dP - delta)
+            # backward of the softmax, passes 2-4's P: dS = P (dP - delta)
             ds = np.multiply(dp, p, out=dp)                              # (H, R, C)
             if bias is not None:
                 e, r, c = _block_edges(g, b)
@@ -603,11 +603,11 @@ def _sparse_backward_targets(do, qkv, o, alpha, dqkv, ds, indptr, src, i0, i1):
             for e in range(indptr[i], indptr[i + 1]):
                 if h == 0 and e + _AHEAD < src.size:        # once per edge: h is the outer loop
                     _prefetch_bytes(qkv, src[e + _AHEAD], qkv[0, 0].nbytes, qkv[0].nbytes)
-                # backward of pass 4, o_i = sum_e alpha_e v_j: dalpha_e = <do_i, v_j>
+                # backward of pass 4's sum, o_i = sum_e alpha_e v_j: dalpha_e = <do_i, v_j>
                 j, da = src[e], qkv.dtype.type(0)
                 for d in range(dh):
                     da += do[i, h, d] * qkv[j, 2, h, d]
-                # backward of passes 2 and 3, the softmax; of pass 1, s = <q_i, k_j> / sqrt(dh)
+                # backward of the softmax (passes 2-4); of pass 1, s = <q_i, k_j> / sqrt(dh)
                 ds[e, h] = alpha[e, h] * (da - delta)
                 for d in range(dh):
                     dqkv[i, 0, h, d] += ds[e, h] * scale * qkv[j, 1, h, d]
@@ -942,7 +942,7 @@ def block_from_torch(state_dict, n_heads):
         p["W" + c] = sd[TORCH_QKV[0]][n * D:(n + 1) * D].T.reshape(D, H, D // H)   # of sd's copy
         p["b" + c] = sd[TORCH_QKV[1]][n * D:(n + 1) * D].reshape(H, D // H)
     p["Wo"] = sd[TORCH_QKV[2]].T.reshape(H, D // H, D)
-    return p
+    return _check_params(p, D, None, BLOCK_KEYS)                        # linear1, linear2's shapes
 
 
 # ---------------------------------------------------------------- positional encodings

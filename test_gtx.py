@@ -1204,6 +1204,8 @@ def test_block_bad_input_and_no_mutation():
         gtx.block_from_torch({}, 2)
     with pytest.raises(ValueError, match="n_heads"):
         gtx.block_from_torch(gtx.block_to_torch(p), 3)
+    with pytest.raises(ValueError, match="W2"):
+        gtx.block_from_torch(dict(gtx.block_to_torch(p), **{"linear2.weight": np.zeros((4, 5))}), 2)
 
 
 def test_block_torch_names_round_trip():
