@@ -501,19 +501,24 @@ def gpt_block(P, layer):
     return {key[len(prefix):]: a for key, a in P.items() if key.startswith(prefix)}
 
 
-def gpt_loss(P, tokens, backend="auto", with_grads=True):
-    """Mean cross-entropy (nats) of predicting tokens[:, 1:] from tokens[:, :-1] (B, T + 1), and
-    the gradient of every entry of P. A batch is one graph: B causal graphs of T nodes."""
-    B, T = tokens.shape[0], tokens.shape[1] - 1
-    inp, tgt = tokens[:, :-1].reshape(-1), tokens[:, 1:].reshape(-1)  # (N,) each, N = B T
-    g = gpt_graph(B, T)
+def gpt_forward(P, inp, backend="auto"):
+    """Logits (N, V) after the tokens inp (B, T), N = B T, and what gpt_loss's backward needs: the
+    last block's output x (N, D) and the blocks' caches. A batch is one graph: B causal graphs."""
+    B, T = inp.shape
     pe = np.tile(gtx.sinusoidal_pe(T, P["emb"].shape[1]), (B, 1)).astype(P["emb"].dtype)
-    x = P["emb"][inp] + pe                                              # (N, D)
+    x = P["emb"][inp.reshape(-1)] + pe                                  # (N, D)
     caches = []
     for layer in range(GPT_LAYERS):
-        x, cache = gtx.block_forward(x, g, gpt_block(P, layer), backend=backend)
+        x, cache = gtx.block_forward(x, gpt_graph(B, T), gpt_block(P, layer), backend=backend)
         caches.append(cache)
-    logits = x @ P["head_W"] + P["head_b"]                               # (N, V)
+    return x @ P["head_W"] + P["head_b"], x, caches                     # (N, V), (N, D)
+
+
+def gpt_loss(P, tokens, backend="auto", with_grads=True):
+    """Mean cross-entropy (nats) of predicting tokens[:, 1:] from tokens[:, :-1] (B, T + 1), and
+    the gradient of every entry of P."""
+    inp, tgt = tokens[:, :-1], tokens[:, 1:].reshape(-1)                # (B, T), (N,)
+    logits, x, caches = gpt_forward(P, inp, backend)                    # (N, V)
     logits -= logits.max(1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))        # (N, V) log-softmax
     rows = np.arange(tgt.size)
@@ -529,7 +534,7 @@ def gpt_loss(P, tokens, backend="auto", with_grads=True):
         dx, block_grads = gtx.block_backward(dx, caches[layer])
         grads.update({f"block{layer}.{key}": d for key, d in block_grads.items()})
     grads["emb"] = np.zeros_like(P["emb"])
-    np.add.at(grads["emb"], inp, dx)
+    np.add.at(grads["emb"], inp.reshape(-1), dx)
     return loss, grads
 
 
@@ -573,12 +578,7 @@ def gpt_sample(P, vocab, prompt, n, T, rng, temperature=0.8):
     """n characters after prompt, each drawn from the model's softmax / temperature."""
     ids = [vocab.index(ch) for ch in prompt]
     for _ in range(n):
-        ctx = np.array(ids[-T:])
-        g = gtx.causal_graph(ctx.size)
-        x = P["emb"][ctx] + gtx.sinusoidal_pe(ctx.size, P["emb"].shape[1]).astype(P["emb"].dtype)
-        for layer in range(GPT_LAYERS):
-            x = gtx.block_forward(x, g, gpt_block(P, layer))[0]
-        logits = (x[-1] @ P["head_W"] + P["head_b"]) / temperature       # (V,)
+        logits = gpt_forward(P, np.array([ids[-T:]]))[0][-1] / temperature   # (V,)
         p = np.exp(logits - logits.max())
         ids.append(int(rng.choice(p.size, p=p / p.sum())))
     return "".join(vocab[i] for i in ids[len(prompt):])

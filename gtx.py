@@ -316,8 +316,8 @@ def naive_backward(do, cache, dq, dk, dv):
 # - blocks run in lanes, a contiguous run of blocks per thread, each lane adding into its own dk
 #   and dv (no two threads write a row): powerlaw 1.60x, transformer 1.29x, window 1.25x;
 # - scratch arrays are per-thread buffers, kept from call to call (_buffer): window 1.30x.
-# Unlike naive and sparse, dense lets an inf or NaN input of node j reach every target of j's
-# blocks, through 0 * inf or 0 * NaN at their non-edges.
+# Unlike naive and sparse, dense lets an inf or NaN input of node j reach j's row and every row of
+# j's blocks, through 0 * inf or 0 * NaN at their non-edges.
 DenseCache = namedtuple("DenseCache", "qh kh vh o lse bias g block_rows")
 
 
