@@ -180,7 +180,8 @@ def measure_workload(name, spec, D, H, dh, cfg, dtype, print_row):
     g = build_graph(spec)
     rec = dict(name=name, graph=spec, D=D, H=H, dh=dh, N=g.num_nodes, E=g.num_edges,
                build_s=time.perf_counter() - t0, rows={},      # needs: gtx's memory estimates
-               needs=dict(dense=gtx.dense_bytes(g, H, dtype), sparse=gtx.sparse_bytes(g, H, dtype)))
+               needs=dict(dense=gtx.dense_bytes(g, H, dh, dtype, d_model=D),
+                          sparse=gtx.sparse_bytes(g, H, dh, dtype, d_model=D)))
     x, params, dy = make_inputs(g, D, H, dh, dtype)
     progress(f"{name}: N={g.num_nodes} E={g.num_edges} built in {rec['build_s']:.2f} s")
     outputs, estimate = {}, gtx.choose_backend(g, H, dh, dtype)[1]
@@ -327,32 +328,6 @@ LEARN = dict(test=dict(seeds=(0,), n_train=128, n_test=32, steps=200),
              default=dict(seeds=(0, 1, 2), n_train=256, n_test=64, steps=300))
 
 
-def laplacian_pe(g, k, rng=None):
-    """(N, k) Laplacian eigenvector encodings (Dwivedi & Bresson 2020): eigenvectors of L = I -
-    D^-1/2 A D^-1/2 on the undirected g, self-loops ignored, ascending, the first dropped. An
-    isolated node has D^-1/2 = 0, so its indicator is an eigenvector, eigenvalue 1. Sign: in each
-    column the entry of largest magnitude (the first on ties) is positive; with an rng, signs are
-    then flipped at random, as in training. Columns past N - 1 are 0. O(N^3) time, 4 N^2 floats."""
-    if not isinstance(g, gtx.Graph):
-        raise TypeError(f"g must be a gtx.Graph, got {type(g).__name__}")
-    k = gtx._count("k", k)
-    N = g.num_nodes
-    gtx._check_memory(4 * 8 * N * N, f"laplacian_pe: the dense eigendecomposition of an {N} x {N} L")
-    src, dst = g.edge_index
-    A = np.zeros((N, N))                                                # (N, N) symmetric
-    A[dst, src] = A[src, dst] = 1
-    np.fill_diagonal(A, 0)
-    deg = A.sum(1)
-    d = np.divide(1, np.sqrt(deg), out=np.zeros(N), where=deg > 0)     # (N,) D^-1/2, 0 if isolated
-    _, U = np.linalg.eigh(np.eye(N) - d[:, None] * A * d[None, :])     # ascending eigenvalues
-    U = U[:, 1:k + 1]                                                   # (N, min(k, N-1))
-    if U.size:
-        U = U * np.sign(U[np.abs(U).argmax(0), np.arange(U.shape[1])])
-    if rng is not None:
-        U = U * np.random.default_rng(rng).choice([-1.0, 1.0], U.shape[1])
-    return np.pad(U, ((0, 0), (0, k - U.shape[1])))
-
-
 def learn_graphs(count, rng, d_x=8):
     """(graph, x, target) triples: target_i = mean of x_j over the edges j -> i (0 without any)."""
     data = []
@@ -370,7 +345,7 @@ def learn_batch(arm, data, k):
     and, for edge_bias, which edges of the complete graphs are the graphs' own edges."""
     graphs, xs, ts = zip(*data)
     pe = {"complete+sinusoidal": lambda g: gtx.sinusoidal_pe(g.num_nodes, k),
-          "complete+laplacian": lambda g: laplacian_pe(g, k)}.get(arm, lambda g: np.zeros((g.num_nodes, k)))
+          "complete+laplacian": lambda g: gtx.laplacian_pe(g, k)}.get(arm, lambda g: np.zeros((g.num_nodes, k)))
     is_edge = None
     if arm == "complete+edge_bias":               # complete_graph(n) lists the edge j -> i as i n + j
         offsets = np.cumsum([0] + [g.num_nodes ** 2 for g in graphs])
@@ -827,8 +802,8 @@ def main():
             need = r["needs"][b]
             peak = (f"{m['peak_bytes'] / MiB:8.0f} MiB" + ("" if m["exact"] else " at most")
                     if "peak_bytes" in m else f" failed: {m['error']}")
-            print(f"  {r['name']:<12} {b:<7}{peak}   (gtx.{b}_bytes: {need / MiB:,.0f} MiB beyond "
-                  f"the (N, H, dh) arrays)", flush=True)
+            print(f"  {r['name']:<12} {b:<7}{peak}   (gtx.{b}_bytes predicts {need / MiB:,.0f} MiB)",
+                  flush=True)
         lines += verdicts(recs, cross, n, memory)
         if peaked:
             lines.append(f"peaked attention (transformer, Wq and Wk x{peaked['scale']:g}): dense "
