@@ -35,9 +35,10 @@ FLOATS = (np.float32, np.float64)
 
 class Graph:
     """A directed graph, edge e carrying a message from j = edge_index[0, e] to i = edge_index[1, e]
-    (E,), in a CSR by target: in-edges of i at indptr[i]:indptr[i+1], sources src, input ids perm.
-    complete_graph, causal_graph and batch_graphs build structured graphs in O(N): i attends to
-    every j in [lo[i], hi[i]) = ranges (not i without self_loops), src and the rest made on use."""
+    (E,), kept as a CSR by target: the in-edges of i at indptr[i]:indptr[i+1], their sources src,
+    their input ids perm. complete_graph, causal_graph and batch_graphs build structured graphs in
+    O(N): node i attends to every j in [lo[i], hi[i]) = ranges, except j = i without self_loops.
+    Their src, perm and edge_index are built on first use; Graph(...) sets them at once."""
 
     def __init__(self, edge_index, num_nodes):
         N = _count("num_nodes", num_nodes)
@@ -66,6 +67,7 @@ class Graph:
         self.src = src[order]                                   # (E,) sources, CSR order
 
     def _setup(self, N, E, ptr, indptr, ranges=None, self_loops=True):
+        """ptr (B+1,): where each graph of a batch starts, [0, N] for one graph."""
         self.num_nodes = N
         self.num_edges = int(E)
         self.ptr = ptr
@@ -80,6 +82,7 @@ class Graph:
         i = np.arange(lo.size, dtype=np.int64)
         count = hi - lo - (0 if self_loops else (lo <= i) & (i < hi))     # (N,) in-edges
         indptr = np.concatenate([[0], np.cumsum(count)])                   # (N+1,)
+        # valid by construction: no edge list for __init__ to check
         return cls.__new__(cls)._setup(lo.size, count.sum(), ptr, indptr, (lo, hi), self_loops)
 
     @functools.cached_property
@@ -230,9 +233,11 @@ def init_block(d_model, n_heads, d_ff=None, d_head=None, rng=None, dtype=np.floa
 
 
 # ---------------------------------------------------------------- naive
-# Each backend computes the attention between the projections: forward(q, k, v, bias, g) -> (o,
-# cache); backward(do, cache, dq, dk, dv) -> ds writes into the (N, H, dh) dq, dk, dv. bias is None
-# or (E, H), ds = dL/ds (E, H) (None without a bias, but in naive), both in input edge order.
+# Each backend computes the attention between the projections q, k, v = x W + b that the API's
+# forward makes: forward(q, k, v, bias, g) -> (o, cache); backward(do, cache, dq, dk, dv) -> ds,
+# where do = dL/do, writes dL/dq, dL/dk, dL/dv into the (N, H, dh) dq, dk, dv and returns ds =
+# dL/ds (E, H). bias is None or (E, H); both in input edge order. ds is None without a bias, except
+# in naive, which always returns it.
 NaiveCache = namedtuple("NaiveCache", "q k v alpha g")
 
 
@@ -273,7 +278,8 @@ def naive_backward(do, cache, dq, dk, dv):
     for e, (j, i) in enumerate(zip(src, dst)):
         dalpha[e] = (do[i] * v[j]).sum(-1)
         dv[j] += alpha[e][:, None] * do[i]
-    # backward of the softmax, passes 2-4's alpha: ds[e] = alpha[e] (dalpha[e] - delta[i])
+    # backward of the softmax, passes 2-4's alpha: ds[e] = alpha[e] (dalpha[e] - delta[i]); pass 2's
+    # m needs no step of its own: softmax does not change when every score of a target shifts
     delta = np.zeros((N, H), q.dtype)               # (N, H) sum over i's in-edges of alpha dalpha
     for e, i in enumerate(dst):
         delta[i] += alpha[e] * dalpha[e]
@@ -293,9 +299,14 @@ def naive_backward(do, cache, dq, dk, dv):
 # FlashAttention's notation. The graph is an additive mask: B[h, i, j] is the edge's bias (0
 # without one) where j -> i is an edge and -inf where it is not, so exp gives those pairs weight 0.
 # A row without edges (or whose every score is -inf) has m = 0 and l = 0, taken as 1: its P and O
-# are exactly 0. The cache keeps O and lse; the backward recomputes P = exp(S - lse), as
-# FlashAttention's does. Every array is O(H N^2): this backend is for reading and small graphs.
+# are exactly 0. The cache keeps O and lse, not P: the backward recomputes P = exp(S - lse), as
+# FlashAttention's does and dense does by blocks. Its arrays are O(H N^2): for reading, small graphs.
 TextbookCache = namedtuple("TextbookCache", "Q K V B O lse alpha g has_bias")
+
+
+def textbook_bytes(N, n_heads, dtype):
+    """Bytes textbook needs at once: about five (H, N, N) arrays (B, S, P and two temporaries)."""
+    return 5 * n_heads * N * N * np.dtype(dtype).itemsize
 
 
 def textbook_forward(q, k, v, bias, g):
@@ -309,7 +320,7 @@ def textbook_forward(q, k, v, bias, g):
     # pass 1: scores S = Q K^T / sqrt(dh) + B
     S = Q @ K.transpose(0, 2, 1) / math.sqrt(dh) + B                    # (H, N, N)
     # pass 2: each row's max m, subtracted for numerical stability
-    m = S.max(-1, keepdims=True, initial=-np.inf)                       # (H, N, 1)
+    m = S.max(-1, keepdims=True, initial=-np.inf)                       # (H, N, 1) N = 0 too
     m[m == -np.inf] = 0
     # pass 3: exponentials, summed per row in l
     P = np.exp(S - m)                                                   # (H, N, N) unnormalised
@@ -334,7 +345,8 @@ def textbook_backward(do, cache, dq, dk, dv):
     dv[:] = (P.transpose(0, 2, 1) @ dO).transpose(1, 0, 2)
     dP = dO @ V.transpose(0, 2, 1)                                      # (H, N, N)
     # backward of the softmax, passes 2-4's P: dS = P (dP - delta), delta = rowsum(P dP) =
-    # rowsum(dO O), from the forward's O: P from a rounded lse may not sum to 1 exactly
+    # rowsum(dO O). Taken from O, as FlashAttention-2 does: the recomputed P, from a rounded lse,
+    # sums to 1 only to round-off, and a saturated row's tiny dS would drown in that error
     delta = (dO * O).sum(-1, keepdims=True)                             # (H, N, 1)
     dS = P * (dP - delta)                                               # (H, N, N) 0 at non-edges
     # backward of pass 1, S = Q K^T / sqrt(dh) + B: dQ = dS K / sqrt(dh), dK = dS^T Q / sqrt(dh)
@@ -345,10 +357,6 @@ def textbook_backward(do, cache, dq, dk, dv):
         return dS[:, dst, src].T                                        # (E, H) dB at the edges
     return None
 
-
-def textbook_bytes(N, n_heads, dtype):
-    """Bytes textbook needs at once: about five (H, N, N) arrays (B, S, P and two temporaries)."""
-    return 5 * n_heads * N * N * np.dtype(dtype).itemsize
 
 
 # ---------------------------------------------------------------- block
@@ -365,11 +373,14 @@ def layernorm_forward(z, w, b, eps):
 
 def layernorm_backward(dout, cache):
     zhat, rstd, w = cache
-    # backward of out = zhat w + b, zhat = (z - mean) rstd, in closed form (llm.c's doc/layernorm)
+    # backward of out = zhat w + b: dw = sum over nodes of dout zhat, db = sum of dout
+    dw, db = (dout * zhat).sum(0), dout.sum(0)                          # (D,) each
     dzhat = dout * w                                                    # (N, D)
+    # backward of zhat = (z - mean(z)) rstd, rstd = 1 / sqrt(var(z) + eps): with dmean = -mean(dz)
+    # and dvar = -rstd^2 zhat mean(dzhat zhat) / 2 collected, the closed form (llm.c's layernorm)
     dz = rstd * (dzhat - dzhat.mean(1, keepdims=True)
                  - zhat * (dzhat * zhat).mean(1, keepdims=True))        # (N, D)
-    return dz, (dout * zhat).sum(0), dout.sum(0)
+    return dz, dw, db
 
 
 
@@ -416,9 +427,11 @@ def block_forward(x, g, params, norm_first=True, activation="gelu", eps=1e-5, ba
         y = h + update                                                  # (N, D)
     else:
         attn, attention = forward(x, g, p, backend, edge_bias)          # (N, D) Attn(x)
-        h, ln1 = layernorm_forward(x + attn, p["ln1_w"], p["ln1_b"], eps)   # (N, D)
+        r1 = x + attn                                                   # (N, D) LN1's input
+        h, ln1 = layernorm_forward(r1, p["ln1_w"], p["ln1_b"], eps)     # (N, D)
         update, ffn = ffn_forward(h, p, activation)                     # (N, D) FFN(h)
-        y, ln2 = layernorm_forward(h + update, p["ln2_w"], p["ln2_b"], eps)   # (N, D)
+        r2 = h + update                                                 # (N, D) LN2's input
+        y, ln2 = layernorm_forward(r2, p["ln2_w"], p["ln2_b"], eps)     # (N, D)
     return y, BlockCache(attention.backend, attention, ln1, ln2, ffn, p, norm_first)
 
 
@@ -439,13 +452,13 @@ def block_backward(dy, cache):
         dx, grads["ln1_w"], grads["ln1_b"] = layernorm_backward(dz1, ln1)
         dx += grad_h
     else:
-        # backward of y = LN2(h + FFN(h)); dr is dL/dr of LN's input r (N, D)
-        dr, grads["ln2_w"], grads["ln2_b"] = layernorm_backward(dy, ln2)
-        grad_h = dr + ffn_backward(dr, ffn, p, grads)
-        # backward of h = LN1(x + Attn(x))
-        dr, grads["ln1_w"], grads["ln1_b"] = layernorm_backward(grad_h, ln1)
-        dx, attention_grads = backward(dr, attention)
-        dx += dr
+        # backward of y = LN2(r2), r2 = h + FFN(h); dr2 is dL/dr2 (N, D)
+        dr2, grads["ln2_w"], grads["ln2_b"] = layernorm_backward(dy, ln2)
+        grad_h = dr2 + ffn_backward(dr2, ffn, p, grads)
+        # backward of h = LN1(r1), r1 = x + Attn(x)
+        dr1, grads["ln1_w"], grads["ln1_b"] = layernorm_backward(grad_h, ln1)
+        dx, attention_grads = backward(dr1, attention)
+        dx += dr1
     grads.update(attention_grads)
     return dx, grads
 
@@ -489,7 +502,7 @@ def laplacian_pe(g, k, rng=None):
 
 # ---------------------------------------------------------------- API
 # Part 2 adds the engine's backends, dense and sparse, to BACKENDS; forward and backward hand them
-# to its _engine_forward and _engine_backward, these same steps on gtx's threads.
+# to Part 2's _engine_forward and _engine_backward, which take these same steps faster.
 Backend = namedtuple("Backend", "forward backward")
 BACKENDS = {"naive": Backend(naive_forward, naive_backward),
             "textbook": Backend(textbook_forward, textbook_backward)}
@@ -498,7 +511,8 @@ Cache = namedtuple("Cache", "backend x params o attention edge_bias")
 
 def forward(x, g, params, backend="auto", edge_bias=None):
     """y (N, D) and a cache for backward. edge_bias (E, H), in g's input edge order, is added to
-    the scores. backend="auto" takes choose_backend's pick; cache.backend records it."""
+    the scores. backend="auto" takes choose_backend's pick of the engine's dense or sparse;
+    cache.backend records it. backend="naive" or "textbook" runs only the code of Part 1."""
     x, p, edge_bias = _check_inputs(x, g, params, backend, edge_bias, PARAM_KEYS)
     N, D = x.shape
     _, H, dh = p["Wq"].shape
@@ -571,13 +585,11 @@ from threadpoolctl import ThreadpoolController
 
 # ---------------------------------------------------------------- dense
 # dense_forward is textbook_forward, otherwise identical, except (time without each / with):
-# - blocks of target rows, each against only the source columns its rows need (dense_blocks):
-#   nothing N^2 is kept, and the backward recomputes each block's P from lse, as FlashAttention;
-# - pass 2 shifts by a bound, found before the scores, instead of the row max, which a block takes
-#   only where the bound is too loose (_bound_shift, _sum_too_small): BOUND_GAIN;
-# - columns ride in the matmuls, so that no pass over a block adds or sums (_heads_first): q's last
-#   column holds -c, so pass 1 gives s - c; v's ones give pass 3's l in pass 4's P V; in the
-#   backward q's holds -lse and do's -delta: long 1.12x, powerlaw 1.10x, transformer 1.06x (EPYC);
+# - blocks of target rows, each against only the source columns its rows need (dense_blocks), a
+#   block's mask built once per graph: nothing N^2 is made or kept, P is recomputed block by block;
+# - columns ride in the matmuls, so that the passes over a block add and sum less (_heads_first):
+#   v's ones give pass 3's l in pass 4's P V; in the backward, q's last column holds -lse and do's
+#   -delta, so the matmuls give s - lse and dP - delta: long 1.12x, powerlaw 1.10x (EPYC);
 # - blocks run in lanes, a contiguous run of blocks per thread, each lane adding into its own dk
 #   and dv (no two threads write a row): powerlaw 1.60x, transformer 1.29x, window 1.25x (EPYC);
 # - scratch arrays are per-thread buffers, kept from call to call (_buffer): window 1.30x (EPYC);
@@ -683,37 +695,23 @@ def _block_edges(g, b):
 
 def _heads_first(arrays, scales):
     """For each (N, H, dh) a, on a thread each: a * scale heads first, (H, N, dh + 1), with a last
-    column of ones to ride in the matmuls; its (H, N) norms; whether they are all finite."""
+    column of ones to ride in the matmuls; and whether they may hold an inf or NaN (a sum is not
+    finite: also when finite entries overflow it, and then _nonfinite finds no node)."""
     def copy(task):
         a, scale = task
         out = np.empty((a.shape[1], a.shape[0], a.shape[2] + 1), a.dtype)
         np.multiply(a.transpose(1, 0, 2), scale, out=out[..., :-1])
         out[..., -1] = 1
-        norm = np.sqrt(np.einsum("hnd,hnd->hn", out[..., :-1], out[..., :-1]))      # (H, N)
-        return out, norm, np.isfinite(norm.sum())
+        return out, not np.isfinite(out.sum())
     done = _map_threads(copy, list(zip(arrays, scales)))
-    return [d[0] for d in done], [d[1] for d in done], [d[2] for d in done]
-
-
-def _bound_shift(q_norm, k_norm, b):
-    """(H, R) c = |q_i| max_j |k_j| over block b's columns: no score s_ij = <q_i, k_j> exceeds it
-    (Cauchy-Schwarz), so exp(s - c) cannot overflow, and softmax does not change with a shift."""
-    with np.errstate(invalid="ignore"):             # inf * 0 = NaN: the block then takes the max
-        return q_norm[:, b.rows] * k_norm[:, b.cols].max(-1, initial=0)[:, None]
-
-
-def _sum_too_small(l, g, b):
-    """Whether the bound was too loose for block b: a row with edges has l < 2^-40, or NaN. From
-    2^-40 up, a term flushed as a denormal (below 2^-126) is below 2^-86 of its row's sum."""
-    edges = np.diff(g.indptr[b.rows.start:b.rows.stop + 1]) > 0                 # (R,)
-    return not (l >= 2.0**-40)[:, edges].all()
+    return [d[0] for d in done], any(d[1] for d in done)
 
 
 def _scores(qh, kh, bias, g, b, s):
     """Pass 1 for block b: s (H, R, C) = qh[:, rows] kh[:, cols]^T, + bias at edges and -inf at
     non-edges. qh, kh (H, N, dh + 1): q and k / sqrt(dh), heads first, with their last columns."""
     np.matmul(qh[:, b.rows], kh[:, b.cols].transpose(0, 2, 1), out=s)
-    if bias is not None:            # bias at edges, -inf elsewhere: s is finite here, see _split
+    if bias is not None:            # bias at edges, -inf elsewhere; a NaN s is kept off by _split
         tile = _buffer("dense tile", s.size, s.dtype).reshape(s.shape)
         tile[:] = -np.inf
         e, r, c = _block_edges(g, b)
@@ -754,40 +752,30 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
                   f"dense backend (N={N}, H={H})", "; use smaller block_rows or backend='sparse'")
     bias = _to_csr(bias, g)                        # (E, H) blocks read their edges in CSR order
     o = np.empty_like(q)                                                # (N, H, dh)
-    lse = np.empty((N, H), q.dtype)                                     # (N, H) c + log l
-    (qh, kh, vh), norms, finite = _heads_first((q, k, v), (1, 1 / math.sqrt(dh), 1))  # (H, N, dh+1)
+    lse = np.empty((N, H), q.dtype)                                     # (N, H) m + log l
+    (qh, kh, vh), maybe_bad = _heads_first((q, k, v), (1, 1 / math.sqrt(dh), 1))   # (H, N, dh + 1)
+    qh[..., dh] = 0                                 # pass 1 gives s itself: [q, 0] [k, 1]^T
     bad = None
-    if not all(finite):
+    if maybe_bad:
         bad = _nonfinite(q, k, v)
-
-    def attend(b, s, pv, bound):                   # passes 1-4 of block b; -> the shift c (H, R)
-        # pass 2 first, as the bound needs no scores: the shift c, -c into q's last column
-        c = 0
-        if bound:
-            c = _bound_shift(norms[0], norms[1], b)
-        qh[:, b.rows, dh] = -c
-        # pass 1: s - c = [q, -c] [k / sqrt(dh), 1]^T, -inf at non-edges
-        _scores(qh, kh, bias, g, b, s)                                   # (H, R, C)
-        if not bound:                  # pass 2 as textbook's: the row max, 0 in rows without edges
-            c = s.max(-1, initial=-np.inf)
-            c[c == -np.inf] = 0
-            np.subtract(s, c[..., None], out=s)
-        # pass 3: exp(s - c); with pass 4's P V: [P V, l] = exp(s - c) [v, 1], P unnormalised
-        np.matmul(np.exp(s, out=s), vh[:, b.cols], out=pv)              # (H, R, dh + 1)
-        return c
 
     def lane(blocks):
         for b in blocks:
             s = _buffer("dense s", H * b.R * b.C, q.dtype).reshape(H, b.R, b.C)
             pv = _buffer("dense pv, t", H * b.R * (dh + 1), q.dtype).reshape(H, b.R, dh + 1)
-            c = attend(b, s, pv, bias is None)
-            if bias is None and _sum_too_small(pv[..., dh], g, b):
-                c = attend(b, s, pv, False)
+            # pass 1: s = q k^T / sqrt(dh), -inf at non-edges
+            _scores(qh, kh, bias, g, b, s)                               # (H, R, C)
+            # pass 2: each row's max m, 0 in rows without edges, subtracted
+            m = s.max(-1, initial=-np.inf)                               # (H, R)
+            m[m == -np.inf] = 0
+            np.subtract(s, m[..., None], out=s)
+            # pass 3: exp(s - m); with pass 4's P V: [P V, l] = exp(s - m) [v, 1], P unnormalised
+            np.matmul(np.exp(s, out=s), vh[:, b.cols], out=pv)          # (H, R, dh + 1)
             l = pv[..., dh]                                              # (H, R)
-            l[l == 0] = 1             # rows without edges: o = 0 / 1 (other l may be < 1: c > max)
+            l[l == 0] = 1                       # l >= 1 unless a row has no edge: then o = 0 / 1
             # pass 4: o = P V / l
             np.divide(pv[..., :dh].transpose(1, 0, 2), l.T[..., None], out=o[b.rows])
-            lse[b.rows] = (c + np.log(l)).T             # P = exp(s - lse)
+            lse[b.rows] = (m + np.log(l)).T             # P = exp(s - lse)
     _map_threads(lane, _lanes(_split(_masked(g, block_rows), g, bad)))
     qh[..., dh] = -lse.T                               # for the backward: [q, -lse] k^T = s - lse
     return o, DenseCache(qh, kh, vh, o, lse, bias, g, block_rows, bad)
@@ -799,8 +787,8 @@ def dense_backward(do, cache, dq, dk, dv):
     ds_edges = None                                 # (E, H) CSR order, with a bias
     if bias is not None:
         ds_edges = np.empty_like(bias)
-    (doh,), _, (finite,) = _heads_first((do,), (1,))    # (H, N, dh + 1): [do, -delta] below
-    if bad is not None or bias is not None or not finite:   # a bias's inf shows in o
+    (doh,), maybe_bad = _heads_first((do,), (1,))   # (H, N, dh + 1): [do, -delta] below
+    if bad is not None or bias is not None or maybe_bad:    # a bias's inf shows in o
         bad = _nonfinite(o, do, bad=bad)
     lanes = _lanes(_split(_masked(g, block_rows), g, bad))
     doh[..., dh] = -np.einsum("nhd,nhd->hn", do, o)    # delta = rowsum(P dP) = <do, o>

@@ -8,6 +8,7 @@ Then: attention-weight invariants, stability, bad input, positional encodings,
 per-edge bias, a small training run, the Transformer block (against central differences, the
 backends, a textbook layer and torch), bench.py's GPT, and the benchmark smoke test.
 """
+import json
 import math
 import os
 import re
@@ -868,6 +869,59 @@ def test_dtype_mismatch_names_the_fix():
     x, p, _, _ = make_inputs(g, bias=False)
     with pytest.raises(ValueError, match=r"init_params\(\.\.\., dtype=np\.float32\)"):
         gtx.forward(x.astype(F32), g, p)
+
+
+def test_plain_backends_run_no_engine(monkeypatch):
+    """naive and textbook, Part 1 of gtx.py: forward, backward, attention_weights, block_forward and
+    block_backward start no gtx thread, call no Numba kernel and leave BLAS's threads alone."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the engine ran")
+    engine = [n for n, v in vars(gtx).items() if isinstance(v, numba.core.dispatcher.Dispatcher)]
+    assert len(engine) >= 4, f"gtx's Numba kernels: {engine}"
+    for name in engine + ["_map_threads", "_python_threads", "_one_blas_thread", "_buffer", "_matmuls"]:
+        monkeypatch.setattr(gtx, name, refuse)
+    g = GRAPHS["batch_mixed"]()
+    x, p, dy, eb = block_inputs(g)
+    for backend in ("naive", "textbook"):
+        run(backend, g, x, p, dy, eb)
+        run_block(backend, g, x, p, dy, eb)
+        run_block(backend, g, x, p, dy, eb, norm_first=False, activation="relu")
+    with pytest.raises(AssertionError, match="the engine ran"):
+        run("dense", g, x, p, dy, eb)
+
+
+MEMORY_CHECK = """
+import json, sys, tracemalloc
+import numpy as np, gtx
+name, n, D, H, dh, dtype, bias = json.loads(sys.argv[1])
+graphs = {"complete": lambda: gtx.complete_graph(n), "window": lambda: gtx.causal_graph(n, window=64),
+          "molecules": lambda: gtx.batch_graphs([gtx.complete_graph(int(m)) for m in
+                                                 np.random.default_rng(0).integers(15, 36, n)]),
+          "random": lambda: gtx.random_graph(n, avg_degree=8, rng=0)}
+g, rng = graphs[name](), np.random.default_rng(0)
+x, dy = rng.standard_normal((2, g.num_nodes, D)).astype(dtype)
+eb = rng.standard_normal((g.num_edges, H)).astype(dtype) if bias else None
+p = gtx.init_params(D, H, dh, rng=0, dtype=dtype)
+tracemalloc.start()
+y, cache = gtx.forward(x, g, p, backend="dense", edge_bias=eb)
+gtx.backward(dy, cache)
+print(json.dumps([tracemalloc.get_traced_memory()[1], gtx.dense_bytes(g, H, dh, dtype, bias, d_model=D)]))
+"""
+
+
+@pytest.mark.parametrize("case", [("complete", 768, 64, 4, 16, "float32", False),
+                                  ("window", 3000, 32, 2, 16, "float64", False),
+                                  ("molecules", 60, 32, 4, 8, "float32", True),
+                                  ("random", 1500, 24, 3, 8, "float64", True)], ids=lambda c: c[0])
+def test_dense_bytes_counts_what_dense_allocates(case):
+    """In a fresh process, the peak of the memory NumPy allocates over one dense forward plus backward
+    (tracemalloc) is at most gtx.dense_bytes, and no less than half of it."""
+    r = subprocess.run([sys.executable, "-c", MEMORY_CHECK, json.dumps(case)], cwd=HERE, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak, predicted = json.loads(r.stdout.splitlines()[-1])
+    assert peak <= predicted, f"{case[0]}: dense allocated {peak:,} bytes, dense_bytes predicted {predicted:,}"
+    assert predicted <= 2 * peak, f"{case[0]}: dense_bytes predicted {predicted:,}, dense allocated {peak:,}"
 
 
 def test_import_leaves_the_environment_unchanged():
