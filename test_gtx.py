@@ -640,6 +640,22 @@ def test_dense_result_does_not_depend_on_block_size(graph, bias):
             assert_close(f"{graph} dense block_rows={rows} {key}", out[key], ref[key], RTOL[F64], ATOL[F64])
 
 
+@pytest.mark.parametrize("graph", BLOCK_GRAPHS)
+def test_dense_result_does_not_depend_on_tile_size(graph, monkeypatch):
+    """Key tiles of 1, 3, 7 columns (dividing no block's width) and blocks of 4 rows: the online
+    softmax's moving shift gives what naive gives, also where a row's first edges come late."""
+    g = BLOCK_GRAPHS[graph]()
+    inputs = core_inputs(g, seed=23, bias=False)
+    ref = attention_core("naive", g, *inputs)
+    for tile in (1, 3, 7):
+        monkeypatch.setattr(gtx, "_TILE", tile)
+        for rows in (4, None):
+            out = attention_core("dense", g, *inputs, block_rows=rows)
+            for key in ref:
+                assert_close(f"{graph} dense tile={tile} block_rows={rows} {key}", out[key], ref[key],
+                             RTOL[F64], ATOL[F64])
+
+
 def test_dense_blocks_cover_every_edge_once():
     for make in BLOCK_GRAPHS.values():
         g = make()
@@ -708,10 +724,13 @@ def assert_nonfinite_where_naive(outs, what):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")   # NaN inputs: expected
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "edge_bias"])
+@pytest.mark.parametrize("tile", [512, 3])
 @pytest.mark.parametrize("graph", ["batch", "batch_mixed", "batch_complete", "random0", "window"])
-def test_nonfinite_feature_reaches_every_output_only_as_in_naive(graph, bias):
+def test_nonfinite_feature_reaches_every_output_only_as_in_naive(graph, bias, tile, monkeypatch):
     """An inf or NaN feature at each node in turn, on a batch of graphs and on general ones: y, dx and
-    every gradient are non-finite exactly where naive's are, in every backend but textbook."""
+    every gradient are non-finite exactly where naive's are, in every backend but textbook; dense
+    also with key tiles of 3 columns."""
+    monkeypatch.setattr(gtx, "_TILE", tile)
     g = GRAPHS[graph]()
     for bad_node in range(g.num_nodes):
         x, p, dy, eb = make_inputs(g, seed=26, bias=bias)
@@ -772,7 +791,7 @@ def test_lifted_backend_with_separate_arrays(backend):
 
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("case", ["loose", "denormal", "far", "overflow"])
-def test_dense_extreme_scores(case, dtype):
+def test_dense_extreme_scores(case, dtype, monkeypatch):
     """Scores far from 0 agree with naive. "loose": q scaled up; in head 0, q along e0 and k along
     e1 ("denormal", "far") put a few scores ~94 or ~10^3 apart, where float32 weights would be
     denormal (gtx's threads count them as 0) or underflow; "overflow": |q|^2 overflows float32
@@ -788,15 +807,17 @@ def test_dense_extreme_scores(case, dtype):
         scale = 16.3 if case == "denormal" else 100
         q[:, 0], k[:, 0] = 0.1 * q[:, 0] + scale * e0, 0.1 * k[:, 0] + scale * e1
     ref = attention_core("naive", g, q, k, v, None, do)
-    out = attention_core("dense", g, *(a.astype(dtype) for a in (q, k, v)), None, do.astype(dtype))
-    for key in ref:
-        assert_close(f"dense ({case}, {dtype.__name__}) {key}", out[key], ref[key], RTOL[dtype],
-                     ATOL[dtype])
+    for tile in (512, 4):
+        monkeypatch.setattr(gtx, "_TILE", tile)
+        out = attention_core("dense", g, *(a.astype(dtype) for a in (q, k, v)), None, do.astype(dtype))
+        for key in ref:
+            assert_close(f"dense ({case}, {dtype.__name__}, tile {tile}) {key}", out[key], ref[key],
+                         RTOL[dtype], ATOL[dtype])
 
 
 @pytest.mark.parametrize("scale", [5, 8])
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
-def test_sharply_peaked_attention_agrees(scale, dtype):
+def test_sharply_peaked_attention_agrees(scale, dtype, monkeypatch):
     """q, k scaled up: scores with a std of about 25 and 64 put many exp(s - shift) below float32's
     smallest normal number, which gtx's threads flush to 0 (_swap_mxcsr). Weights and gradients
     still agree with naive, which keeps them, in every backend, on a complete and a random graph."""
@@ -806,7 +827,8 @@ def test_sharply_peaked_attention_agrees(scale, dtype):
         ref = attention_core("naive", g, q, k, v, None, do)
         alpha = gtx.naive_forward(q, k, v, None, g)[1].alpha
         assert (alpha < 2.0**-126).mean() > 0.05, "the case must make tiny weights"
-        for backend, kw in (("dense", {}), ("dense", dict(block_rows=8)), ("sparse", {})):
+        for backend, kw, tile in (("dense", {}, 512), ("dense", dict(block_rows=8), 5), ("sparse", {}, 512)):
+            monkeypatch.setattr(gtx, "_TILE", tile)     # 5: a tile's max often passes the shift
             out = attention_core(backend, g, *(a.astype(dtype) for a in (q, k, v)), None, do.astype(dtype), **kw)
             for key in ref:
                 assert_close(f"{backend} {kw} (scale {scale}, {dtype.__name__}, N={g.num_nodes}) {key}",
