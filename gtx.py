@@ -800,28 +800,40 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
     def lane(blocks):
         for b in blocks:
             pv = _buffer("dense pv", H * b.R * (dh + 1), q.dtype).reshape(H, b.R, dh + 1)
-            pv[:] = 0                               # [P V, l] of the tiles so far, unnormalised
-            m = np.full((H, b.R), -np.inf, q.dtype)     # (H, R) the rows' shift; -inf: no edge yet
-            for tile in _key_tiles(b, _tile_columns(b, bias)):
+            for number, tile in enumerate(_key_tiles(b, _tile_columns(b, bias))):
                 s = _buffer("dense s", H * b.R * tile.C, q.dtype).reshape(H, b.R, tile.C)
-                # pass 1: s - c = [q, -c] [k / sqrt(dh), 1]^T, -inf at non-edges; c = m, or 0
-                qh[:, b.rows, dh] = -np.where(m == -np.inf, 0, m)
+                # pass 1: s - m = [q, -m] [k / sqrt(dh), 1]^T, -inf at non-edges (m = 0 at first)
+                if number == 0:
+                    qh[:, b.rows, dh] = 0
+                else:
+                    qh[:, b.rows, dh] = -m
                 _scores(qh, kh, bias, g, tile, s)                        # (H, R, C)
-                # pass 2, online: a row's first edges set its shift c to their max, and a max
-                # above c + _LAZY moves it there, the sums so far scaled to match
-                t = s.max(-1, initial=-np.inf)                           # (H, R) max of s - c
-                move = ((t > _LAZY) | (m == -np.inf)) & (t > -np.inf)
-                if move.any():
-                    d = np.where(move, t, 0)                             # (H, R)
-                    np.subtract(s, d[..., None], out=s)
-                    pv *= np.exp(-np.where(move & (m > -np.inf), t, 0))[..., None]
-                    m = np.where(move, np.where(m == -np.inf, 0, m) + t, m)
-                # pass 3: exp(s - c); with pass 4's P V: [P V, l] += exp(s - c) [v, 1]
-                pv_tile = _buffer("dense pv tile", pv.size, q.dtype).reshape(pv.shape)
-                pv += np.matmul(np.exp(s, out=s), vh[:, tile.cols], out=pv_tile)   # (H, R, dh + 1)
+                if number == 0:
+                    # pass 2: each row's max m, 0 in rows without an edge yet, subtracted
+                    m = s.max(-1, initial=-np.inf)                       # (H, R)
+                    empty = m == -np.inf
+                    m[empty] = 0
+                    np.subtract(s, m[..., None], out=s)
+                else:
+                    # pass 2, online: a row's m moves only where this tile's max passes it by
+                    # _LAZY, or where the row meets its first edges; the sums so far scale to match
+                    t = s.max(-1, initial=-np.inf)                       # (H, R) max of s - m
+                    move = ((t > _LAZY) | empty) & (t > -np.inf)
+                    if move.any():
+                        d = np.where(move, t, 0)                         # (H, R)
+                        np.subtract(s, d[..., None], out=s)
+                        pv *= np.exp(-np.where(empty, 0, d))[..., None]  # empty rows' pv is 0
+                        m += d
+                        empty &= ~move
+                # pass 3: exp(s - m); with pass 4's P V: [P V, l] = exp(s - m) [v, 1], summed
+                # over the tiles, P unnormalised
+                if number == 0:
+                    np.matmul(np.exp(s, out=s), vh[:, tile.cols], out=pv)       # (H, R, dh + 1)
+                else:
+                    pv_tile = _buffer("dense pv tile", pv.size, q.dtype).reshape(pv.shape)
+                    pv += np.matmul(np.exp(s, out=s), vh[:, tile.cols], out=pv_tile)
             l = pv[..., dh]                                              # (H, R)
             l[l == 0] = 1                       # l >= 1 unless a row has no edge: then o = 0 / 1
-            m[m == -np.inf] = 0
             # pass 4: o = P V / l
             np.divide(pv[..., :dh].transpose(1, 0, 2), l.T[..., None], out=o[b.rows])
             lse[b.rows] = (m + np.log(l)).T             # P = exp(s - lse)
