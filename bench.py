@@ -641,8 +641,8 @@ except ImportError:                             # bench runs its other parts and
     Chem = None
 
 MOL_ARMS = ("bonds", "bonds+rwse", "complete", "complete+laplacian", "complete+rwse", "complete+spd")
-MOL = dict(quick=dict(seeds=1, n_sol=96, n_zinc=96, D=16, H=2, steps=30, lr=3e-3, batch=16),
-           default=dict(seeds=1, n_sol=None, n_zinc=None, D=64, H=4, steps=700, lr=2e-3, batch=32))
+MOL = dict(quick=dict(n_mols=96, D=16, H=2, steps=30, lr=3e-3, batch=16),
+           default=dict(n_mols=None, D=64, H=4, steps=700, lr=2e-3, batch=32))
 MOL_LAYERS, MOL_K, MOL_HOPS = 2, 8, 10          # blocks; encoding columns; hops capped at 10
 ELEMENTS = ("C", "N", "O", "F", "P", "S", "Cl", "Br", "I")   # then one column for any other
 CHARGES, MAX_HS, MAX_DEGREE = (-1, 0, 1), 4, 5  # the last column of each: anything beyond
@@ -758,36 +758,50 @@ def spd_bias_grad(d_bias, buckets, n_buckets):
     return grad.T
 
 
-def mol_encoding(arm, bonds):
-    """(N, columns) what the arm adds to the atom features: none, random_walk_pe or laplacian_pe."""
-    if arm.endswith("rwse"):
-        return gtx.random_walk_pe(bonds, MOL_K)
-    if arm == "complete+laplacian":
-        return laplacian_pe(bonds, MOL_K)
-    return np.zeros((bonds.num_nodes, 0))
-
-
-def mol_batch(arm, items, targets):
-    """One block-diagonal batch: input z (N, F), the graph attended over, the molecules' sizes,
-    the standardised targets (B,), SPD buckets (E,) for complete+spd and each atom's molecule."""
-    xs, attend, codes = [], [], []
-    for mol in items:
+def mol_records(data):
+    """Per molecule, computed once for every arm: the RDKit molecule, y, atom features x (n, F),
+    the bond graph, random_walk_pe and laplacian_pe (n, MOL_K) and SPD buckets (n n,) in
+    complete_graph(n)'s edge order. The walks and hops are one call each on the whole set."""
+    recs = []
+    for mol, y in data:
         x, bonds = mol_graph(mol)
-        n = bonds.num_nodes
-        xs.append(np.concatenate([x, mol_encoding(arm, bonds)], 1))
-        if arm.startswith("bonds"):
-            loops = np.stack([np.arange(n), np.arange(n)])
-            attend.append(gtx.Graph(np.concatenate([bonds.edge_index, loops], 1), n))
-        else:
-            attend.append(gtx.complete_graph(n))
-        codes.append(bonds)
-    g = gtx.batch_graphs(attend)
-    sizes = np.diff(g.ptr)
+        recs.append(dict(mol=mol, y=y, x=x, bonds=bonds, laplacian=laplacian_pe(bonds, MOL_K)))
+    bonds = gtx.batch_graphs([r["bonds"] for r in recs])
+    pairs = gtx.batch_graphs([gtx.complete_graph(r["bonds"].num_nodes) for r in recs])
+    rwse = gtx.random_walk_pe(bonds, MOL_K)                                 # (N, MOL_K)
+    buckets = spd_buckets(gtx.shortest_path_lengths(bonds, pairs))         # (E_pairs,)
+    edge_ptr = np.cumsum([0] + [r["bonds"].num_nodes ** 2 for r in recs])
+    for r, n0, n1, e0, e1 in zip(recs, bonds.ptr, bonds.ptr[1:], edge_ptr, edge_ptr[1:]):
+        r["rwse"], r["buckets"] = rwse[n0:n1], buckets[e0:e1]
+    return recs
+
+
+def mol_encoding(arm, rec):
+    """(n, columns) what the arm adds to the atom features: none, random_walk_pe or laplacian_pe."""
+    if arm.endswith("rwse"):
+        return rec["rwse"]
+    if arm == "complete+laplacian":
+        return rec["laplacian"]
+    return np.zeros((len(rec["x"]), 0))
+
+
+def mol_batch(arm, recs, mean, std):
+    """One block-diagonal batch: input z (N, F), the graph attended over, the molecules' sizes and
+    (B+1,) node offsets, the standardised targets (B,), SPD buckets (E,) for complete+spd and each atom's molecule."""
+    sizes = np.array([len(r["x"]) for r in recs])
+    ptr = np.cumsum(np.append(0, sizes))
+    if arm.startswith("bonds"):                 # the bonds and a self-loop on every atom
+        edges = [r["bonds"].edge_index + o for r, o in zip(recs, ptr)]
+        loops = np.arange(ptr[-1])
+        g = gtx.Graph(np.concatenate(edges + [np.stack([loops, loops])], 1), int(ptr[-1]))
+    else:
+        g = gtx.batch_graphs([gtx.complete_graph(int(n)) for n in sizes])
     buckets = None
-    if arm == "complete+spd":                   # hops along the bonds, for every pair attended over
-        buckets = spd_buckets(gtx.shortest_path_lengths(gtx.batch_graphs(codes), g))
-    return dict(z=np.concatenate(xs), g=g, sizes=sizes, t=np.asarray(targets, float), buckets=buckets,
-                mol=np.repeat(np.arange(sizes.size), sizes))
+    if arm == "complete+spd":                   # in g's edge order: the molecules' pairs in turn
+        buckets = np.concatenate([r["buckets"] for r in recs])
+    z = np.concatenate([np.concatenate([r["x"], mol_encoding(arm, r)], 1) for r in recs])
+    return dict(z=z, g=g, sizes=sizes, ptr=ptr, t=(np.array([r["y"] for r in recs]) - mean) / std,
+                buckets=buckets, mol=np.repeat(np.arange(sizes.size), sizes))
 
 
 def mol_init(arm, n_in, c, rng, dtype):
@@ -816,7 +830,7 @@ def mol_loss(P, b, z=None, with_grads=True):
     for layer in range(MOL_LAYERS):
         h, cache = gtx.block_forward(h, b["g"], gpt_block(P, layer), edge_bias=bias)
         caches.append(cache)
-    pooled = np.add.reduceat(h, b["g"].ptr[:-1], 0) / b["sizes"][:, None].astype(dtype)   # (B, D)
+    pooled = np.add.reduceat(h, b["ptr"][:-1], 0) / b["sizes"][:, None].astype(dtype)   # (B, D)
     pred = pooled @ P["head_W"] + P["head_b"]                                      # (B,)
     err = pred - b["t"].astype(dtype)
     loss = float(np.mean(err ** 2))
@@ -842,14 +856,11 @@ def mol_predict(P, batches):
     return np.concatenate([mol_loss(P, b, with_grads=False)[0] for b in batches])
 
 
-def mol_batches(arm, data, batch, mean, std, order=None):
-    """The data's molecules in batches of batch (in the given order), targets standardised."""
-    order = np.arange(len(data)) if order is None else order
-    out = []
-    for s in range(0, len(order), batch):
-        part = [data[i] for i in order[s:s + batch]]
-        out.append(mol_batch(arm, [m for m, _ in part], [(y - mean) / std for _, y in part]))
-    return out
+def mol_batches(arm, recs, batch, mean, std, order=None):
+    """The molecules' records in batches of batch (in the given order), targets standardised."""
+    order = np.arange(len(recs)) if order is None else order
+    return [mol_batch(arm, [recs[i] for i in order[s:s + batch]], mean, std)
+            for s in range(0, len(order), batch)]
 
 
 def mol_metric(metric, pred, y):
@@ -863,12 +874,12 @@ def mol_train(arm, train, scored, c, seed, dtype, metric, checkpoints=()):
     the target's units, and the scored metric at each of the checkpoint steps (for tuning)."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    ys = np.array([y for _, y in train])
+    ys = np.array([r["y"] for r in train])
     mean, std = ys.mean(), ys.std()
     batches = mol_batches(arm, train, c["batch"], mean, std, rng.permutation(len(train)))
     eval_train = mol_batches(arm, train, 256, mean, std)
     eval_scored = mol_batches(arm, scored, 256, mean, std)
-    y_scored = np.array([y for _, y in scored])
+    y_scored = np.array([r["y"] for r in scored])
     P = mol_init(arm, batches[0]["z"].shape[1], c, rng, dtype)
     state, seen = adam_state(P), {}
     for step in range(1, c["steps"] + 1):
@@ -887,15 +898,15 @@ def mol_train(arm, train, scored, c, seed, dtype, metric, checkpoints=()):
     return out, seen
 
 
-def atom_counts(data):
+def atom_counts(recs):
     """(molecules, N_FEATURES + 1): each molecule's sum of atom features, and a 1 for the intercept."""
-    return np.array([np.append(mol_graph(m)[0].sum(0), 1.0) for m, _ in data])
+    return np.array([np.append(r["x"].sum(0), 1.0) for r in recs])
 
 
-def esol_descriptors(data):
+def esol_descriptors(recs):
     """(molecules, 5) ESOL's clogP, MW, rotatable bonds, aromatic proportion, and a 1."""
     rows = []
-    for m, _ in data:
+    for m in (r["mol"] for r in recs):
         aromatic = sum(a.GetIsAromatic() for a in m.GetAtoms()) / m.GetNumAtoms()
         rows.append([Crippen.MolLogP(m), Descriptors.MolWt(m), Descriptors.NumRotatableBonds(m),
                      aromatic, 1.0])
@@ -905,7 +916,7 @@ def esol_descriptors(data):
 def mol_baselines(train, test, metric, esol):
     """Test metric of the training mean, least squares on atom-feature counts and, for
     solubility, ESOL (Delaney 2004) as published and refit by least squares on train."""
-    y, y_test = np.array([v for _, v in train]), np.array([v for _, v in test])
+    y, y_test = np.array([r["y"] for r in train]), np.array([r["y"] for r in test])
     out = {"mean": mol_metric(metric, np.full(len(test), y.mean()), y_test)}
     w = np.linalg.lstsq(atom_counts(train), y, rcond=None)[0]
     out["bag_of_atoms"] = mol_metric(metric, atom_counts(test) @ w, y_test)
@@ -918,20 +929,22 @@ def mol_baselines(train, test, metric, esol):
 
 
 def mol_targets(c):
-    """{target: (metric, train, test, validation carved from train only, has ESOL)}, subsets in --quick."""
+    """{target: (metric, train, test, (fit, validation): both carved from train only, has ESOL)},
+    as mol_records; subsets of the first molecules in --quick."""
     sol = solubility_data()
     zinc, dropped = zinc_data()
     progress(f"molecules: {len(sol['train'])} + {len(sol['test'])} solubility; penalized logP on "
              f"{sum(len(v) for v in zinc.values())} NCI molecules (left out: {dropped})")
-    cut = len(sol["train"]) * 4 // 5             # solubility's validation: the last fifth of a shuffle
+    if c["n_mols"] is not None:                 # --quick: the first molecules of each split
+        n = c["n_mols"]
+        sol = dict(train=sol["train"][:n], test=sol["test"][:n // 2])
+        zinc = dict(train=zinc["train"][:n], val=zinc["val"][:n // 2], test=zinc["test"][:n // 2])
+    sol = {k: mol_records(v) for k, v in sol.items()}
+    zinc = {k: mol_records(v) for k, v in zinc.items()}
+    cut = len(sol["train"]) * 4 // 5             # solubility's validation: a fifth of a shuffle
     shuffled = [sol["train"][i] for i in np.random.default_rng(SEED).permutation(len(sol["train"]))]
-    out = dict(solubility=("rmse", sol["train"], sol["test"], (shuffled[:cut], shuffled[cut:]), True),
-               penalized_logp=("mae", zinc["train"], zinc["test"], (zinc["train"], zinc["val"]), False))
-    if c["n_sol"] is not None:
-        n = dict(solubility=c["n_sol"], penalized_logp=c["n_zinc"])
-        out = {k: (m, tr[:n[k]], te[:n[k] // 2], (v[0][:n[k]], v[1][:n[k] // 2]), e)
-               for k, (m, tr, te, v, e) in out.items()}
-    return out
+    return dict(solubility=("rmse", sol["train"], sol["test"], (shuffled[:cut], shuffled[cut:]), True),
+                penalized_logp=("mae", zinc["train"], zinc["test"], (zinc["train"], zinc["val"]), False))
 
 
 def molecules(mode, seeds, dtype):
@@ -952,7 +965,7 @@ def molecules(mode, seeds, dtype):
             progress(f"molecules: {target} {arm}: test {metric} {runs[-1]['test']:.3f}, "
                      f"{rec['arms'][arm]['seconds']:.1f} s")
         out[target] = rec
-    return dict(out, config=dict(c, seeds=seeds, layers=MOL_LAYERS, k=MOL_K, hops=MOL_HOPS))
+    return out
 
 
 def molecules_tune(lrs=(1e-3, 2e-3, 5e-3), checkpoints=(300, 500, 700, 1000), dtype=np.float32):
@@ -962,7 +975,7 @@ def molecules_tune(lrs=(1e-3, 2e-3, 5e-3), checkpoints=(300, 500, 700, 1000), dt
     its best pair is MOL["default"]'s. Training runs to each lr's last checkpoint once."""
     scores = {}
     for target, (metric, _, _, (fit, val), _) in mol_targets(MOL["default"]).items():
-        y_fit, y_val = np.array([y for _, y in fit]), np.array([y for _, y in val])
+        y_fit, y_val = np.array([r["y"] for r in fit]), np.array([r["y"] for r in val])
         base = mol_metric(metric, np.full(len(val), y_fit.mean()), y_val)
         for lr in lrs:
             c = dict(MOL["default"], lr=lr, steps=max(checkpoints))
@@ -977,13 +990,13 @@ def molecules_tune(lrs=(1e-3, 2e-3, 5e-3), checkpoints=(300, 500, 700, 1000), dt
     return table
 
 
-def molecules_report(r):
+def molecules_report(r, mode, seeds):
     """Two tables, one per target: arm, test mean (min-max) over seeds, train metric, seconds."""
     if r is None:
         return ["molecules: not run, RDKit is not installed (pip install rdkit)"]
-    c = r["config"]
+    c = MOL[mode]
     lines = [f"molecules: {MOL_LAYERS} pre-norm blocks, D/H {c['D']}/{c['H']}, {c['steps']} steps of "
-             f"{c['batch']}, lr {c['lr']:g} (tuned once on validation molecules), {c['seeds']} seed(s)"]
+             f"{c['batch']}, lr {c['lr']:g} (tuned once on validation molecules), {seeds} seed(s)"]
     names = dict(solubility="solubility (log10 mol/L), test RMSE",
                  penalized_logp="ZINC's penalized logP on NCI molecules, test MAE")
     for target in ("solubility", "penalized_logp"):
@@ -1223,7 +1236,7 @@ def main():
         lines += gpt_report(result["gpt"])
     if args.only in (None, "molecules"):
         result["molecules"] = molecules(cfg["molecules"], args.seeds, dtype)
-        lines += molecules_report(result["molecules"])
+        lines += molecules_report(result["molecules"], cfg["molecules"], args.seeds)
     print()
     for line in lines:
         print(line)
