@@ -715,10 +715,11 @@ def solubility_data():
     return out
 
 
-def zinc_data(max_atoms=40):
+def zinc_data(max_atoms=40, first=None):
     """{"train", "val", "test"}: RDKit's NCI first_5K.smi molecules that parse, have one fragment
-    and at most max_atoms heavy atoms, split 80/10/10 with SEED, y = penalized logP; and the counts
-    of those left out, by reason."""
+    and at most max_atoms heavy atoms, split 80/10/10 with SEED, as (mol, penalized logP); and the
+    counts of those left out, by reason. With first=n only the first n of train and n // 2 of the
+    others are kept (--quick), the split unchanged."""
     RDLogger.DisableLog("rdApp.*")              # the molecules that do not parse are counted
     try:
         kept, dropped = [], {"unparsable": 0, "fragments": 0, "large": 0}
@@ -732,13 +733,15 @@ def zinc_data(max_atoms=40):
                 elif mol.GetNumAtoms() > max_atoms:
                     dropped["large"] += 1
                 else:
-                    kept.append((mol, penalized_logp(mol)))
+                    kept.append(mol)
     finally:
         RDLogger.EnableLog("rdApp.*")
     order = np.random.default_rng(SEED).permutation(len(kept))
     cut = [int(0.8 * len(kept)), int(0.9 * len(kept))]
-    parts = np.split(order, cut)
-    return {name: [kept[i] for i in p] for name, p in zip(("train", "val", "test"), parts)}, dropped
+    out = dict(zip(("train", "val", "test"), np.split(order, cut)))
+    if first is not None:
+        out = dict(train=out["train"][:first], val=out["val"][:first // 2], test=out["test"][:first // 2])
+    return {name: [(kept[i], penalized_logp(kept[i])) for i in p] for name, p in out.items()}, dropped
 
 
 def spd_buckets(hops):
@@ -930,13 +933,12 @@ def mol_targets(c):
     """{target: (metric, train, test, (fit, validation): both carved from train only, has ESOL)},
     as mol_records; subsets of the first molecules in --quick."""
     sol = solubility_data()
-    zinc, dropped = zinc_data()
+    zinc, dropped = zinc_data(first=c["n_mols"])
     progress(f"molecules: {len(sol['train'])} + {len(sol['test'])} solubility; penalized logP on "
              f"{sum(len(v) for v in zinc.values())} NCI molecules (left out: {dropped})")
     if c["n_mols"] is not None:                 # --quick: the first molecules of each split
         n = c["n_mols"]
         sol = dict(train=sol["train"][:n], test=sol["test"][:n // 2])
-        zinc = dict(train=zinc["train"][:n], val=zinc["val"][:n // 2], test=zinc["test"][:n // 2])
     sol = {k: mol_records(v) for k, v in sol.items()}
     zinc = {k: mol_records(v) for k, v in zinc.items()}
     cut = len(sol["train"]) * 4 // 5             # solubility's validation: a fifth of a shuffle
@@ -994,7 +996,8 @@ def molecules_report(r, mode, seeds):
         return ["molecules: not run, RDKit is not installed (pip install rdkit)"]
     c = MOL[mode]
     lines = [f"molecules: {MOL_LAYERS} pre-norm blocks, D/H {c['D']}/{c['H']}, {c['steps']} steps of "
-             f"{c['batch']}, lr {c['lr']:g} (tuned once on validation molecules), {seeds} seed(s)"]
+             f"{c['batch']}, lr {c['lr']:g}, {seeds} seed(s)",
+             "  steps and lr tuned once for all arms on validation molecules; test scored once per run"]
     names = dict(solubility="solubility (log10 mol/L), test RMSE",
                  penalized_logp="ZINC's penalized logP on NCI molecules, test MAE")
     for target in ("solubility", "penalized_logp"):
