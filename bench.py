@@ -6,11 +6,12 @@ of target rows with matmuls (BLAS, hundreds of GFLOP/s); the sparse backend does
 work, in per-edge Numba kernels that run far slower per FLOP. This script times both on
 Transformer-like, structured and sparse graphs, finds the density where they cost the same, and
 then measures what the graph buys in learning (positional encodings against the true edges), and
-trains a small GPT, gtx's Transformer blocks on causal graphs, on Python's own documentation.
+trains a small GPT, gtx's Transformer blocks on causal graphs, on Python's own documentation, and
+sets a GNN against a Transformer with structural encodings on real molecules (RDKit).
 
-    python bench.py                  # the default run: about 3 minutes on 2 cores
+    python bench.py                  # the default run: about 4 minutes on 2 cores
     python bench.py --quick          # a tiny version in seconds (the tests run it)
-    python bench.py --only gpt       # one part: lottery, learn or gpt
+    python bench.py --only gpt       # one part: lottery, learn, gpt or molecules
     python bench.py --dtype float64 --threads 1 --json out.json --plot out.png
 
 Rows print as they are measured; progress goes to stderr. The plot goes to bench-latest.png
@@ -48,6 +49,7 @@ def config(quick):
     if quick:                                   # the same code paths on tiny shapes
         return dict(repeats=3, row_budget=2.0, naive_max_edges=5000, memory=("transformer",),
                     n=256, densities=(0.01, 0.05, 0.3, 1.0), sweep_dims=(32, 2, 16), learn="quick", gpt="quick",
+                    molecules="quick",
                     workloads=[("small", ("random", 200, 8), 16, 2, 8),
                                ("transformer", ("complete", 128), 32, 2, 16),
                                ("sparse", ("random", 4000, 8), 16, 2, 8),
@@ -58,7 +60,7 @@ def config(quick):
                                ("long", ("complete", 512), 32, 2, 16)])
     return dict(repeats=5, row_budget=10.0, naive_max_edges=20_000, memory="all", n=2048,
                 densities=(0.001, 0.003, 0.01, 0.03, 0.05, 0.1, 0.3, 1.0), sweep_dims=(128, 4, 32),
-                learn="default", gpt="default", workloads=[("small", ("random", 1000, 16), 64, 4, 16),
+                learn="default", gpt="default", molecules="default", workloads=[("small", ("random", 1000, 16), 64, 4, 16),
                                             ("transformer", ("complete", 1024), 256, 4, 64),
                                             ("sparse", ("random", 20000, 16), 64, 4, 16),
                                             ("powerlaw", ("ba", 10000, 8), 64, 4, 16),
@@ -600,6 +602,393 @@ def gpt_report(r):
             "  " + repr(r["sample"][60:120])]
 
 
+# ---------------------------------------------------------------- molecules: what the graph buys on real data
+# One model in six arms that differ only in what attention sees: atom features (OGB's) and the arm's
+# encoding, a linear embedding, MOL_LAYERS pre-norm blocks, the mean over each molecule's atoms and
+# a linear head, trained with Adam on the MSE of the standardised target. Two targets: measured
+# solubility (Huuskonen 2000, data/solubility.csv, the split as given), nearly additive over atoms,
+# and ZINC's penalized logP on RDKit's NCI molecules, which depends on rings. The steps and the
+# learning rate were tuned once, for every arm together, on validation molecules carved from the
+# training ones (molecules_tune); each arm and seed then scores the test set once.
+try:
+    from rdkit import Chem, RDConfig, RDLogger
+    from rdkit.Chem import Crippen, Descriptors
+except ImportError:                             # bench runs its other parts and says so
+    Chem = None
+
+MOL_ARMS = ("bonds", "bonds+rwse", "complete", "complete+laplacian", "complete+rwse", "complete+spd")
+# default's lr and steps: molecules_tune's best of lr 1e-3, 2e-3, 5e-3, 1e-2 by 100, 200, 300 steps,
+# and 5e-4 by 300 (validation metric / the mean's, over targets and arms: 0.392; 2e-3 0.396, 5e-4 0.402)
+MOL = dict(quick=dict(n_mols=96, D=16, H=2, steps=30, lr=3e-3, batch=16),
+           default=dict(n_mols=None, D=64, H=4, steps=300, lr=1e-3, batch=32))
+MOL_LAYERS, MOL_K, MOL_HOPS = 2, 8, 10          # blocks; encoding columns; hops capped at 10
+ELEMENTS = ("C", "N", "O", "F", "P", "S", "Cl", "Br", "I")   # then one column for any other
+CHARGES, MAX_HS, MAX_DEGREE = (-1, 0, 1), 4, 5  # the last column of each: anything beyond
+SOLUBILITY_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "solubility.csv")
+
+
+def one_hot(value, choices):
+    """Indicator of value among choices, the last column meaning none of them."""
+    out = [0.0] * (len(choices) + 1)
+    if value in choices:
+        out[choices.index(value)] = 1.0
+    else:
+        out[-1] = 1.0
+    return out
+
+
+def atom_features(atom):
+    """OGB's smiles2graph atom features, one-hot: element, aromatic, formal charge, hydrogens
+    (explicit and implicit), heavy-atom degree, in a ring."""
+    return (one_hot(atom.GetSymbol(), ELEMENTS) + [float(atom.GetIsAromatic())]
+            + one_hot(atom.GetFormalCharge(), CHARGES) + one_hot(atom.GetTotalNumHs(), tuple(range(MAX_HS)))
+            + one_hot(atom.GetDegree(), tuple(range(MAX_DEGREE))) + [float(atom.IsInRing())])
+
+
+N_FEATURES = len(ELEMENTS) + 1 + 1 + len(CHARGES) + 1 + MAX_HS + 1 + MAX_DEGREE + 1 + 1
+
+
+def parse_smiles(smiles, row):
+    """The RDKit molecule of a SMILES string; a ValueError naming the row if RDKit cannot read it."""
+    if not isinstance(smiles, str):
+        raise TypeError(f"row {row}: SMILES must be a str, got {type(smiles).__name__}")
+    mol = Chem.MolFromSmiles(smiles)
+    if mol is None or mol.GetNumAtoms() == 0:
+        raise ValueError(f"row {row}: RDKit cannot parse the SMILES {smiles!r}")
+    return mol
+
+
+def mol_graph(mol):
+    """(x (N, N_FEATURES) atom features, the bond graph): each bond two edges, one each way."""
+    x = np.array([atom_features(a) for a in mol.GetAtoms()]).reshape(-1, N_FEATURES)
+    ends = np.array([(b.GetBeginAtomIdx(), b.GetEndAtomIdx()) for b in mol.GetBonds()],
+                    np.int64).reshape(-1, 2).T                          # (2, bonds)
+    return x, gtx.Graph(np.concatenate([ends, ends[::-1]], 1), len(x))
+
+
+@functools.cache
+def sa_scorer():
+    """RDKit Contrib's sascorer (Ertl and Schuffenhauer 2009), imported as RDKit's docs do."""
+    sys.path.append(os.path.join(RDConfig.RDContribDir, "SA_Score"))
+    import sascorer
+    return sascorer
+
+
+def penalized_logp(mol):
+    """ZINC's target: Crippen logP - SA score - max(0, largest ring size - 6), rings as RDKit's
+    ring info lists them (the smallest set of smallest rings)."""
+    rings = [len(r) for r in mol.GetRingInfo().AtomRings()]
+    return Crippen.MolLogP(mol) - sa_scorer().calculateScore(mol) - max(0, max(rings, default=0) - 6)
+
+
+def solubility_data():
+    """{"train": [(mol, y)], "test": [...]} from data/solubility.csv, y = log10 of mol/L."""
+    import csv
+    out = {"train": [], "test": []}
+    with open(SOLUBILITY_CSV, newline="") as f:
+        for row, r in enumerate(csv.DictReader(f), start=2):           # row 1 is the header
+            if r["split"] not in out:
+                raise ValueError(f"{SOLUBILITY_CSV} row {row}: split must be train or test, got {r['split']!r}")
+            out[r["split"]].append((parse_smiles(r["smiles"], row), float(r["sol"])))
+    return out
+
+
+def zinc_data(max_atoms=40, first=None):
+    """{"train", "val", "test"}: RDKit's NCI first_5K.smi molecules that parse, have one fragment
+    and at most max_atoms heavy atoms, split 80/10/10 with SEED, as (mol, penalized logP); and the
+    counts of those left out, by reason. With first=n only the first n of train and n // 2 of the
+    others are kept (--quick), the split unchanged."""
+    RDLogger.DisableLog("rdApp.*")              # the molecules that do not parse are counted
+    try:
+        kept, dropped = [], {"unparsable": 0, "fragments": 0, "large": 0}
+        with open(os.path.join(RDConfig.RDDataDir, "NCI", "first_5K.smi")) as f:
+            for line in f:
+                mol = Chem.MolFromSmiles(line.split()[0])
+                if mol is None:
+                    dropped["unparsable"] += 1
+                elif len(Chem.GetMolFrags(mol)) > 1:
+                    dropped["fragments"] += 1
+                elif mol.GetNumAtoms() > max_atoms:
+                    dropped["large"] += 1
+                else:
+                    kept.append(mol)
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+    order = np.random.default_rng(SEED).permutation(len(kept))
+    cut = [int(0.8 * len(kept)), int(0.9 * len(kept))]
+    out = dict(zip(("train", "val", "test"), np.split(order, cut)))
+    if first is not None:
+        out = dict(train=out["train"][:first], val=out["val"][:first // 2], test=out["test"][:first // 2])
+    return {name: [(kept[i], penalized_logp(kept[i])) for i in p] for name, p in out.items()}, dropped
+
+
+def spd_buckets(hops):
+    """(E,) a bucket per hop count: 0 to MOL_HOPS (hops capped there), MOL_HOPS + 1 for no path."""
+    return np.where(hops < 0, MOL_HOPS + 1, np.minimum(hops, MOL_HOPS))
+
+
+def spd_bias(table, buckets):
+    """(E, H) edge_bias: each edge's bucket column of the learned (H, buckets) table."""
+    return table[:, buckets].T
+
+
+def spd_bias_grad(d_bias, buckets, n_buckets):
+    """(H, buckets) gradient of the table: each edge's d_bias (E, H) summed into its bucket."""
+    grad = np.zeros((n_buckets, d_bias.shape[1]), d_bias.dtype)        # (buckets, H)
+    np.add.at(grad, buckets, d_bias)
+    return grad.T
+
+
+def mol_records(data):
+    """Per molecule, computed once for every arm: the RDKit molecule, y, atom features x (n, F),
+    the bond graph, random_walk_pe and laplacian_pe (n, MOL_K) and SPD buckets (n n,) in
+    complete_graph(n)'s edge order. The walks and hops are one call each on the whole set."""
+    recs = []
+    for mol, y in data:
+        x, bonds = mol_graph(mol)
+        recs.append(dict(mol=mol, y=y, x=x, bonds=bonds, laplacian=gtx.laplacian_pe(bonds, MOL_K)))
+    bonds = gtx.batch_graphs([r["bonds"] for r in recs])
+    pairs = gtx.batch_graphs([gtx.complete_graph(r["bonds"].num_nodes) for r in recs])
+    rwse = gtx.random_walk_pe(bonds, MOL_K)                                 # (N, MOL_K)
+    buckets = spd_buckets(gtx.shortest_path_lengths(bonds, pairs))         # (E_pairs,)
+    edge_ptr = np.cumsum([0] + [r["bonds"].num_nodes ** 2 for r in recs])
+    for r, n0, n1, e0, e1 in zip(recs, bonds.ptr, bonds.ptr[1:], edge_ptr, edge_ptr[1:]):
+        r["rwse"], r["buckets"] = rwse[n0:n1], buckets[e0:e1]
+    return recs
+
+
+def mol_encoding(arm, rec):
+    """(n, columns) what the arm adds to the atom features: none, random_walk_pe or laplacian_pe."""
+    if arm.endswith("rwse"):
+        return rec["rwse"]
+    if arm == "complete+laplacian":
+        return rec["laplacian"]
+    return np.zeros((len(rec["x"]), 0))
+
+
+def mol_batch(arm, recs, mean, std):
+    """One block-diagonal batch: input z (N, F), the graph attended over, the molecules' sizes and
+    (B+1,) node offsets, the standardised targets (B,), SPD buckets (E,) for complete+spd and each atom's molecule."""
+    sizes = np.array([len(r["x"]) for r in recs])
+    ptr = np.cumsum(np.append(0, sizes))
+    if arm.startswith("bonds"):                 # the bonds and a self-loop on every atom
+        edges = [r["bonds"].edge_index + o for r, o in zip(recs, ptr)]
+        loops = np.arange(ptr[-1])
+        g = gtx.Graph(np.concatenate(edges + [np.stack([loops, loops])], 1), int(ptr[-1]))
+    else:
+        g = gtx.batch_graphs([gtx.complete_graph(int(n)) for n in sizes])
+    buckets = None
+    if arm == "complete+spd":                   # in g's edge order: the molecules' pairs in turn
+        buckets = np.concatenate([r["buckets"] for r in recs])
+    z = np.concatenate([np.concatenate([r["x"], mol_encoding(arm, r)], 1) for r in recs])
+    return dict(z=z, g=g, sizes=sizes, ptr=ptr, t=(np.array([r["y"] for r in recs]) - mean) / std,
+                buckets=buckets, mol=np.repeat(np.arange(sizes.size), sizes))
+
+
+def mol_init(arm, n_in, c, rng, dtype):
+    """Embedding (F, D) and (D,), the blocks as "block{l}.{key}", head (D,) and (1,); for
+    complete+spd the (H, buckets) hop table, zero: it starts as plain complete."""
+    D = c["D"]
+    bound = math.sqrt(6 / (n_in + D))
+    P = {"emb_W": rng.uniform(-bound, bound, (n_in, D)).astype(dtype), "emb_b": np.zeros(D, dtype)}
+    for layer in range(MOL_LAYERS):
+        for key, a in gtx.init_block(D, c["H"], rng=rng, dtype=dtype).items():
+            P[f"block{layer}.{key}"] = a
+    P["head_W"] = rng.uniform(-math.sqrt(6 / (D + 1)), math.sqrt(6 / (D + 1)), D).astype(dtype)
+    P["head_b"] = np.zeros(1, dtype)
+    if arm == "complete+spd":
+        P["spd"] = np.zeros((c["H"], MOL_HOPS + 2), dtype)
+    return P
+
+
+def mol_loss(P, b, z=None, with_grads=True):
+    """Predictions (B,), the MSE on b's standardised targets and the gradient of every entry of P.
+    One hop table serves every block (Graphormer's), so its gradient sums over the blocks."""
+    z = b["z"] if z is None else z
+    dtype = P["emb_W"].dtype
+    bias = None if b["buckets"] is None else spd_bias(P["spd"], b["buckets"])      # (E, H)
+    h, caches = z.astype(dtype) @ P["emb_W"] + P["emb_b"], []                       # (N, D)
+    for layer in range(MOL_LAYERS):
+        h, cache = gtx.block_forward(h, b["g"], gpt_block(P, layer), edge_bias=bias)
+        caches.append(cache)
+    pooled = np.add.reduceat(h, b["ptr"][:-1], 0) / b["sizes"][:, None].astype(dtype)   # (B, D)
+    pred = pooled @ P["head_W"] + P["head_b"]                                      # (B,)
+    err = pred - b["t"].astype(dtype)
+    loss = float(np.mean(err ** 2))
+    if not with_grads:
+        return pred, loss, None
+    d_pred = 2 * err / err.size                                                     # (B,)
+    grads = {"head_W": pooled.T @ d_pred, "head_b": d_pred.sum(keepdims=True)}
+    dh = (np.outer(d_pred, P["head_W"]) / b["sizes"][:, None].astype(dtype))[b["mol"]]  # (N, D)
+    if bias is not None:
+        grads["spd"] = np.zeros_like(P["spd"])
+    for layer in reversed(range(MOL_LAYERS)):
+        dh, block_grads = gtx.block_backward(dh, caches[layer])
+        if bias is not None:
+            grads["spd"] += spd_bias_grad(block_grads.pop("edge_bias"), b["buckets"], P["spd"].shape[1])
+        grads.update({f"block{layer}.{key}": d for key, d in block_grads.items()})
+    grads["emb_W"] = z.T.astype(dtype) @ dh
+    grads["emb_b"] = dh.sum(0)
+    return pred, loss, grads
+
+
+def mol_predict(P, batches):
+    """(molecules,) standardised predictions over the batches, in order."""
+    return np.concatenate([mol_loss(P, b, with_grads=False)[0] for b in batches])
+
+
+def mol_batches(arm, recs, batch, mean, std, order=None):
+    """The molecules' records in batches of batch (in the given order), targets standardised."""
+    order = np.arange(len(recs)) if order is None else order
+    return [mol_batch(arm, [recs[i] for i in order[s:s + batch]], mean, std)
+            for s in range(0, len(order), batch)]
+
+
+def mol_metric(metric, pred, y):
+    if metric == "rmse":
+        return float(np.sqrt(np.mean((pred - y) ** 2)))
+    return float(np.mean(np.abs(pred - y)))
+
+
+def mol_train(arm, train, scored, c, seed, dtype, metric):
+    """Trains one arm on train with Adam; returns {"train", "test" (on scored), "seconds"}, the
+    metrics in the target's units."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    ys = np.array([r["y"] for r in train])
+    mean, std = ys.mean(), ys.std()
+    batches = mol_batches(arm, train, c["batch"], mean, std, rng.permutation(len(train)))
+    eval_train = mol_batches(arm, train, 256, mean, std)
+    eval_scored = mol_batches(arm, scored, 256, mean, std)
+    y_scored = np.array([r["y"] for r in scored])
+    P = mol_init(arm, batches[0]["z"].shape[1], c, rng, dtype)
+    state = adam_state(P)
+    for step in range(1, c["steps"] + 1):
+        b = batches[step % len(batches)]
+        z = None
+        if arm == "complete+laplacian":           # eigenvector signs are arbitrary: flip per molecule
+            flips = np.repeat(rng.choice([-1.0, 1.0], (b["sizes"].size, MOL_K)), b["sizes"], 0)
+            z = np.concatenate([b["z"][:, :N_FEATURES], b["z"][:, N_FEATURES:] * flips], 1)
+        _, _, grads = mol_loss(P, b, z)
+        adam(P, grads, state, step, c["lr"] * min(1, 2 * (1 - step / (c["steps"] + 1))))
+    out = dict(train=mol_metric(metric, mean + std * mol_predict(P, eval_train), ys),
+               test=mol_metric(metric, mean + std * mol_predict(P, eval_scored), y_scored))
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def atom_counts(recs):
+    """(molecules, N_FEATURES + 1): each molecule's sum of atom features, and a 1 for the intercept."""
+    return np.array([np.append(r["x"].sum(0), 1.0) for r in recs])
+
+
+def esol_descriptors(recs):
+    """(molecules, 5) ESOL's clogP, MW, rotatable bonds, aromatic proportion, and a 1."""
+    rows = []
+    for m in (r["mol"] for r in recs):
+        aromatic = sum(a.GetIsAromatic() for a in m.GetAtoms()) / m.GetNumAtoms()
+        rows.append([Crippen.MolLogP(m), Descriptors.MolWt(m), Descriptors.NumRotatableBonds(m),
+                     aromatic, 1.0])
+    return np.array(rows)
+
+
+def mol_baselines(train, test, metric, esol):
+    """Test metric of the training mean, least squares on atom-feature counts and, for
+    solubility, ESOL (Delaney 2004) as published and refit by least squares on train."""
+    y, y_test = np.array([r["y"] for r in train]), np.array([r["y"] for r in test])
+    out = {"mean": mol_metric(metric, np.full(len(test), y.mean()), y_test)}
+    w = np.linalg.lstsq(atom_counts(train), y, rcond=None)[0]
+    out["bag_of_atoms"] = mol_metric(metric, atom_counts(test) @ w, y_test)
+    if esol:
+        d = esol_descriptors(test)
+        out["esol_published"] = mol_metric(metric, d @ np.array([-0.63, -0.0062, 0.066, -0.74, 0.16]), y_test)
+        w = np.linalg.lstsq(esol_descriptors(train), y, rcond=None)[0]
+        out["esol_refit"] = mol_metric(metric, d @ w, y_test)
+    return out
+
+
+def mol_targets(c):
+    """{target: (metric, train, test, (fit, validation): both carved from train only, has ESOL)},
+    as mol_records; subsets of the first molecules in --quick."""
+    sol = solubility_data()
+    zinc, dropped = zinc_data(first=c["n_mols"])
+    progress(f"molecules: {len(sol['train'])} + {len(sol['test'])} solubility; penalized logP on "
+             f"{sum(len(v) for v in zinc.values())} NCI molecules (left out: {dropped})")
+    if c["n_mols"] is not None:                 # --quick: the first molecules of each split
+        n = c["n_mols"]
+        sol = dict(train=sol["train"][:n], test=sol["test"][:n // 2])
+    sol = {k: mol_records(v) for k, v in sol.items()}
+    zinc = {k: mol_records(v) for k, v in zinc.items()}
+    cut = len(sol["train"]) * 4 // 5             # solubility's validation: a fifth of a shuffle
+    shuffled = [sol["train"][i] for i in np.random.default_rng(SEED).permutation(len(sol["train"]))]
+    return dict(solubility=("rmse", sol["train"], sol["test"], (shuffled[:cut], shuffled[cut:]), True),
+                penalized_logp=("mae", zinc["train"], zinc["test"], (zinc["train"], zinc["val"]), False))
+
+
+def molecules(mode, seeds, dtype):
+    """The JSON record: per target its metric, sizes, baselines and per arm the test and train
+    metric per seed and the mean seconds of a seed's run; None without RDKit."""
+    if Chem is None:
+        return None
+    c = MOL[mode]
+    warm_up(dtype)                                  # Numba's compile stays out of the timing
+    out = {}
+    for target, (metric, train, test, _, esol) in mol_targets(c).items():
+        rec = dict(metric=metric, n_train=len(train), n_test=len(test),
+                   baselines=mol_baselines(train, test, metric, esol), arms={})
+        for arm in MOL_ARMS:
+            runs = [mol_train(arm, train, test, c, seed, dtype, metric) for seed in range(seeds)]
+            rec["arms"][arm] = dict(test=[r["test"] for r in runs], train=[r["train"] for r in runs],
+                                    seconds=float(np.mean([r["seconds"] for r in runs])))
+            progress(f"molecules: {target} {arm}: test {metric} {runs[-1]['test']:.3f}, "
+                     f"{rec['arms'][arm]['seconds']:.1f} s")
+        out[target] = rec
+    return out
+
+
+def molecules_tune(lrs=(5e-4, 1e-3, 2e-3, 5e-3, 1e-2), steps=(100, 200, 300), dtype=np.float32):
+    """The one tuning of steps and learning rate, for every arm together, on validation molecules
+    carved from the training ones: {(lr, steps): the mean over both targets and all arms of the
+    validation metric over the training mean's}. Run by hand (python -c "import bench;
+    bench.molecules_tune()"); its best pair is MOL["default"]'s. 300 steps is what the default
+    run's time allows. Each pair is its own run: the learning rate decays over a run's steps."""
+    scores = {}
+    for target, (metric, _, _, (fit, val), _) in mol_targets(MOL["default"]).items():
+        y_fit, y_val = np.array([r["y"] for r in fit]), np.array([r["y"] for r in val])
+        base = mol_metric(metric, np.full(len(val), y_fit.mean()), y_val)
+        for lr in lrs:
+            for n in steps:
+                for arm in MOL_ARMS:
+                    r = mol_train(arm, fit, val, dict(MOL["default"], lr=lr, steps=n), 0, dtype, metric)
+                    scores.setdefault((lr, n), []).append(r["test"] / base)
+                    progress(f"tune: {target} lr {lr:g} steps {n} {arm}: validation {metric} {r['test']:.3f}")
+    table = {key: float(np.mean(v)) for key, v in scores.items()}
+    for (lr, n), v in sorted(table.items()):
+        print(f"lr {lr:g} steps {n}: validation metric / the mean's, over targets and arms {v:.4f}")
+    return table
+
+
+def molecules_report(r, mode, seeds):
+    """Two tables, one per target: arm, test mean (min-max) over seeds, train metric, seconds."""
+    if r is None:
+        return ["molecules: not run, RDKit is not installed (pip install rdkit)"]
+    c = MOL[mode]
+    lines = [f"molecules: {MOL_LAYERS} pre-norm blocks, D/H {c['D']}/{c['H']}, {c['steps']} steps of "
+             f"{c['batch']}, lr {c['lr']:g}, {seeds} seed(s)",
+             "  steps and lr tuned once for all arms on validation molecules; test scored once per run"]
+    names = dict(solubility="solubility (log10 mol/L), test RMSE",
+                 penalized_logp="ZINC's penalized logP on NCI molecules, test MAE")
+    for target in ("solubility", "penalized_logp"):
+        t = r[target]
+        lines.append(f"  {names[target]}: {t['n_train']:,} train, {t['n_test']:,} test")
+        lines.append(f"    {'arm':<20}{'test mean (min-max)':<24}{'train':>7}{'s/seed':>8}")
+        for arm, a in t["arms"].items():
+            spread = f"{np.mean(a['test']):.3f} ({min(a['test']):.3f}-{max(a['test']):.3f})"
+            lines.append(f"    {arm:<20}{spread:<24}{np.mean(a['train']):7.3f}{a['seconds']:8.1f}")
+        lines.append("    baselines: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in t["baselines"].items()))
+    return lines
+
+
 # ---------------------------------------------------------------- reporting
 
 def fmt_ms(s):
@@ -742,7 +1131,7 @@ def describe_machine(threads):
 # ---------------------------------------------------------------- main
 
 DTYPE = "float32"
-PARTS = ("lottery", "learn", "gpt")
+PARTS = ("lottery", "learn", "gpt", "molecules")
 
 
 def main():
@@ -750,6 +1139,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes: runs in seconds")
     ap.add_argument("--only", choices=PARTS, help="run one part only")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds of the molecules part (3: the README's)")
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--threads", type=int, help="gtx's threads (numba.set_num_threads)")
     ap.add_argument("--json", metavar="PATH", help="write every figure and the machine description")
@@ -762,6 +1152,8 @@ def main():
         return
     if args.threads is not None and not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
         ap.error(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} (NUMBA_NUM_THREADS)")
+    if args.seeds < 1:
+        ap.error(f"--seeds must be at least 1, got {args.seeds}")
     DTYPE, threads = args.dtype, args.threads or numba.get_num_threads()
     dtype, cfg = np.dtype(args.dtype).type, config(args.quick)
     numba.set_num_threads(threads)
@@ -821,6 +1213,9 @@ def main():
     if args.only in (None, "gpt"):
         result["gpt"] = gpt(cfg["gpt"], dtype)
         lines += gpt_report(result["gpt"])
+    if args.only in (None, "molecules"):
+        result["molecules"] = molecules(cfg["molecules"], args.seeds, dtype)
+        lines += molecules_report(result["molecules"], cfg["molecules"], args.seeds)
     print()
     for line in lines:
         print(line)

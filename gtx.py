@@ -500,6 +500,112 @@ def laplacian_pe(g, k, rng=None):
     return np.pad(U, ((0, 0), (0, k - U.shape[1])))
 
 
+def _components(g):
+    """(N,) each node's weakly connected component, numbered 0, 1, ... by its smallest node:
+    labels spread along edges both ways, each round followed by one pointer jump."""
+    src, dst = g.edge_index
+    label = np.arange(g.num_nodes)
+    while True:
+        new = label.copy()
+        np.minimum.at(new, dst, label[src])
+        np.minimum.at(new, src, label[dst])
+        new = new[new]                          # a label is a node of the component: jump through it
+        if np.array_equal(new, label):
+            return np.unique(label, return_inverse=True)[1]
+        label = new
+
+
+def _local_index(comp):
+    """(N,) each node's rank inside its component and (C,) the components' sizes."""
+    size = np.bincount(comp)
+    order = np.argsort(comp, kind="stable")
+    local = np.empty_like(comp)
+    local[order] = np.arange(comp.size) - np.repeat(np.cumsum(size) - size, size)
+    return local, size
+
+
+def random_walk_pe(g, k):
+    """(N, k) random-walk structural encodings (Dwivedi et al. 2022, GraphGPS's RWSE, PyG's
+    AddRandomWalkPE): column t - 1 is the chance that a t-step random walk from node i is back at
+    i, the diagonal of P^t with P = D^-1 A on the undirected g, self-loops ignored. A node with no
+    other edge gets 0. Exact, by dense powers per connected component: 24 n^2 bytes each."""
+    if not isinstance(g, Graph):
+        raise TypeError(f"g must be a gtx.Graph, got {type(g).__name__}")
+    k = _count("k", k)
+    comp = _components(g)
+    local, size = _local_index(comp)
+    _check_memory(24 * int((size.astype(np.float64) ** 2).sum()),
+                  f"random_walk_pe: the walk matrices of {size.size:,} components (largest {size.max(initial=0):,})",
+                  "; it is exact by dense matrix powers per connected component")
+    src, dst = g.edge_index
+    keep = src != dst
+    src, dst = src[keep], dst[keep]
+    pe = np.zeros((g.num_nodes, k))
+    for n in np.unique(size[size > 1]):         # components of one size as one stack of matrices
+        comps = np.flatnonzero(size == n)                               # (C,)
+        row = np.full(size.size, -1)
+        row[comps] = np.arange(comps.size)                              # component -> its stack row
+        A = np.zeros((comps.size, n, n))                                # (C, n, n)
+        on = row[comp[dst]] >= 0
+        A[row[comp[dst[on]]], local[dst[on]], local[src[on]]] = 1
+        A[row[comp[dst[on]]], local[src[on]], local[dst[on]]] = 1       # the walk is undirected
+        P = A / A.sum(2, keepdims=True)         # every node of a component of n > 1 has an edge
+        nodes = np.flatnonzero(row[comp] >= 0)                          # (C n,) their nodes
+        M = P
+        for t in range(k):
+            pe[nodes, t] = M[row[comp[nodes]], local[nodes], local[nodes]]
+            M = M @ P
+    return pe
+
+
+def shortest_path_lengths(g, pairs):
+    """(E_pairs,) hops along g's edges from j to i for each edge j -> i of pairs, a Graph on the
+    same nodes, in pairs' input edge order (that of edge_bias): Graphormer's spatial encoding. The
+    hops are message-passing steps on g, so a graph with every edge both ways (bonds) gives the
+    undirected count; 0 from a node to itself, -1 where no path exists. One breadth-first search
+    per source of pairs, all at once: each source keeps a row the size of its component, so a batch
+    of molecules stays within O(E_pairs) memory, never N x N; sources run in chunks of that size."""
+    if not isinstance(g, Graph) or not isinstance(pairs, Graph):
+        raise TypeError(f"g and pairs must be gtx.Graph, got {type(g).__name__} and {type(pairs).__name__}")
+    if pairs.num_nodes != g.num_nodes:
+        raise ValueError(f"pairs must be on g's {g.num_nodes} nodes, has {pairs.num_nodes}")
+    comp = _components(g)
+    local, size = _local_index(comp)
+    src, dst = g.edge_index
+    order = np.argsort(src, kind="stable")
+    out_dst = dst[order]                                                # (E,) targets by source
+    out_ptr = _indptr(src, g.num_nodes)                                 # (N+1,)
+    pj, pi = pairs.edge_index                                           # (E_pairs,) each
+    hops = np.full(pairs.num_edges, -1, np.int64)
+    same = comp[pj] == comp[pi]                                         # across components: -1
+    sources = np.unique(pj[same])
+    width = size[comp[sources]]                                         # (S,) a source's row
+    cap = max(pairs.num_edges, g.num_edges, 2**16)
+    _check_memory(64 * (cap + int(width.max(initial=0))) + 24 * g.num_edges,
+                  f"shortest_path_lengths: searches of {cap:,} (source, node) slots at a time")
+    chunk = np.cumsum(width) // cap                                     # (S,) chunk of each source
+    for c in np.unique(chunk):
+        s = sources[chunk == c]                                         # (S_c,) this chunk's sources
+        base = np.cumsum(width[chunk == c]) - width[chunk == c]         # (S_c,) row offsets
+        dist = np.full(int(width[chunk == c].sum()), -1, np.int64)      # (sum of rows,)
+        dist[base + local[s]] = 0
+        row, node, d = np.arange(s.size), s, 0                          # the frontier's (row, node)
+        while node.size:
+            d += 1
+            count = out_ptr[node + 1] - out_ptr[node]
+            at = np.repeat(np.arange(node.size), count)                 # frontier entry of each step
+            step = np.arange(at.size) - np.repeat(np.cumsum(count) - count, count)
+            w = out_dst[out_ptr[node][at] + step]
+            slot = base[row[at]] + local[w]
+            new = dist[slot] < 0
+            slot, first = np.unique(slot[new], return_index=True)
+            dist[slot] = d
+            row, node = row[at][new][first], w[new][first]
+        want = same & np.isin(pj, s)
+        hops[want] = dist[base[np.searchsorted(s, pj[want])] + local[pi[want]]]
+    return hops
+
+
 # ---------------------------------------------------------------- API
 # Part 2 adds the engine's backends, dense and sparse, to BACKENDS; forward and backward hand them
 # to Part 2's _engine_forward and _engine_backward, which take these same steps faster.

@@ -1542,3 +1542,256 @@ def test_fork_while_another_thread_is_inside_gtx():
     for case, (g, calls), w in zip(PARALLEL_CASES, got, want):
         assert_same_bits(g, w, f"fork worker, {case}")
         assert calls == 0, f"fork worker, {case}: {calls} gtx calls still hold BLAS after its own"
+
+
+# ---------------------------------------------------------------- molecules and structural encodings
+
+def both_ways(edges):
+    """Each (j, i) pair and its reverse: an undirected graph as gtx's edges."""
+    return edges + [(i, j) for j, i in edges]
+
+
+def assert_same_ints(name, got, want):
+    """Equal integer arrays, the message naming the tensor and the first entries that differ."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f"{name}: shape {got.shape}, want {want.shape}"
+    bad = np.argwhere(got != want)
+    assert not bad.size, (f"{name}: {len(bad)} entries differ, first at {tuple(bad[0])}: "
+                          f"{got[tuple(bad[0])]} instead of {want[tuple(bad[0])]}")
+
+
+def test_random_walk_pe_cycle():
+    """On a 6-cycle a walk returns after 2 steps with 1/2 and after 4 with 3/8, never when odd."""
+    g = make_graph(both_ways([(v, (v + 1) % 6) for v in range(6)]), 6)
+    want = np.tile([0, 1 / 2, 0, 3 / 8], (6, 1))
+    assert_close("random_walk_pe on a 6-cycle", gtx.random_walk_pe(g, 4), want, 0, atol=1e-15)
+    one_way = make_graph([(v, (v + 1) % 6) for v in range(6)], 6)        # the walk is undirected
+    assert_close("random_walk_pe on a directed 6-cycle", gtx.random_walk_pe(one_way, 4), want, 0, atol=1e-15)
+
+
+def test_random_walk_pe_star_isolated_and_batch():
+    """A star of 4 leaves: the centre is back after 2 steps surely, a leaf with 1/4; an isolated
+    node (a self-loop only) gets 0; a batch encodes each part as if alone."""
+    g = make_graph(star(5), 5)
+    pe = gtx.random_walk_pe(g, 3)
+    assert_close("star centre", pe[0], [0, 1, 0], 0, atol=1e-15)
+    assert_close("star leaves", pe[1:], np.tile([0, 1 / 4, 0], (4, 1)), 0, atol=1e-15)
+    lone = make_graph([(0, 0)], 1)
+    batch = gtx.batch_graphs([g, lone, make_graph(both_ways([(0, 1), (1, 2), (2, 0)]), 3)])
+    want = np.concatenate([pe, np.zeros((1, 3)), gtx.random_walk_pe(make_graph(both_ways([(0, 1), (1, 2), (2, 0)]), 3), 3)])
+    assert_close("random_walk_pe of a batch", gtx.random_walk_pe(batch, 3), want, 0, atol=1e-15)
+    assert_close("triangle, by hand", want[6], [0, 1 / 2, 1 / 4], 0, atol=1e-15)
+    assert gtx.random_walk_pe(g, 0).shape == (5, 0)
+
+
+def path_graph(n):
+    return make_graph(both_ways([(v, v + 1) for v in range(n - 1)]), n)
+
+
+def test_shortest_path_lengths_path():
+    """On a path of 5 nodes the hops from j to i are |i - j|, in pairs' edge order (i n + j)."""
+    n = 5
+    hops = gtx.shortest_path_lengths(path_graph(n), gtx.complete_graph(n))
+    want = np.abs(np.arange(n)[:, None] - np.arange(n)[None, :]).reshape(-1)
+    assert_same_ints("hops on a path", hops, want)
+    pairs = make_graph([(4, 0), (2, 2), (1, 3)], n)                      # any pairs, in their order
+    assert_same_ints("hops for chosen pairs", gtx.shortest_path_lengths(path_graph(n), pairs), [4, 0, 2])
+
+
+def test_shortest_path_lengths_two_components():
+    """A batch of a path and a triangle: -1 across the two, their own hops within each."""
+    tri = make_graph(both_ways([(0, 1), (1, 2), (2, 0)]), 3)
+    g = gtx.batch_graphs([path_graph(4), tri])
+    hops = gtx.shortest_path_lengths(g, gtx.complete_graph(7)).reshape(7, 7)    # [i, j]
+    assert_same_ints("across the components", hops[:4, 4:], np.full((4, 3), -1))
+    assert_same_ints("across the components", hops[4:, :4], np.full((3, 4), -1))
+    assert_same_ints("within the path", hops[:4, :4], np.abs(np.arange(4)[:, None] - np.arange(4)))
+    assert_same_ints("within the triangle", hops[4:, 4:], 1 - np.eye(3, dtype=int))
+    pairs = gtx.batch_graphs([gtx.complete_graph(4), gtx.complete_graph(3)])      # per molecule
+    assert_same_ints("per-molecule pairs", gtx.shortest_path_lengths(g, pairs),
+                     np.concatenate([hops[:4, :4].reshape(-1), hops[4:, 4:].reshape(-1)]))
+
+
+def plain_bfs(g, j):
+    """(N,) hops from j along g's edges j -> i, -1 where unreachable: the textbook queue."""
+    out = {v: [] for v in range(g.num_nodes)}
+    for a, b in g.edge_index.T.tolist():
+        out[a].append(b)
+    dist, queue = [-1] * g.num_nodes, [j]
+    dist[j] = 0
+    for u in queue:
+        for w in out[u]:
+            if dist[w] < 0:
+                dist[w] = dist[u] + 1
+                queue.append(w)
+    return np.array(dist)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shortest_path_lengths_against_bfs(seed):
+    """Directed random graphs, sparse enough to leave unreachable pairs, every pair and a random
+    subset of pairs in random order, against one plain BFS per source."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 40))
+    g = shuffled_random_graph(n, float(rng.uniform(0.3, 2.5)), seed)
+    want = np.stack([plain_bfs(g, j) for j in range(n)], 1)                      # [i, j]
+    got = gtx.shortest_path_lengths(g, gtx.complete_graph(n)).reshape(n, n)
+    assert_same_ints(f"hops on random graph {seed} (n={n}, E={g.num_edges})", got, want)
+    pairs = shuffled_random_graph(n, min(3.0, n - 1.0), seed + 100)
+    j, i = pairs.edge_index
+    assert_same_ints(f"hops for random pairs {seed}", gtx.shortest_path_lengths(g, pairs), want[i, j])
+
+
+def test_structural_encodings_bad_input():
+    g = path_graph(3)
+    with pytest.raises(TypeError, match="g must be a gtx.Graph"):
+        gtx.random_walk_pe(np.zeros((2, 2), int), 2)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        gtx.random_walk_pe(g, -1)
+    with pytest.raises(TypeError, match="k must be an int"):
+        gtx.random_walk_pe(g, 2.0)
+    with pytest.raises(TypeError, match="pairs must be gtx.Graph"):
+        gtx.shortest_path_lengths(g, np.array([[0], [1]]))
+    with pytest.raises(ValueError, match="pairs must be on g's 3 nodes, has 4"):
+        gtx.shortest_path_lengths(g, gtx.complete_graph(4))
+
+
+def test_spd_table_gradient():
+    """The hop table's gradient, gathered from block_backward's grads["edge_bias"], against
+    float64 central differences of a random weighted loss sum(y * dy)."""
+    rng = np.random.default_rng(3)
+    bonds = gtx.batch_graphs([path_graph(4), make_graph(both_ways([(0, 1), (1, 2), (2, 0)]), 3)])
+    g = gtx.complete_graph(7)                                # across the parts: the no-path bucket
+    buckets = bench.spd_buckets(gtx.shortest_path_lengths(bonds, g))
+    D, H = 8, 2
+    params = gtx.init_block(D, H, rng=rng)
+    table = rng.normal(size=(H, bench.MOL_HOPS + 2))
+    x, dy = rng.normal(size=(7, D)), rng.normal(size=(7, D))
+
+    def loss():
+        return float((gtx.block_forward(x, g, params, edge_bias=bench.spd_bias(table, buckets))[0] * dy).sum())
+    _, cache = gtx.block_forward(x, g, params, edge_bias=bench.spd_bias(table, buckets))
+    grads = gtx.block_backward(dy, cache)[1]
+    got = bench.spd_bias_grad(grads["edge_bias"], buckets, table.shape[1])
+    assert_close("d loss / d hop table", got, central_differences(loss, table), FD_RTOL, FD_ATOL)
+    assert np.abs(got[:, bench.MOL_HOPS + 1]).max() > 0, "the no-path bucket should get a gradient"
+
+
+def molecule(smiles):
+    pytest.importorskip("rdkit")
+    return bench.parse_smiles(smiles, 0)
+
+
+def feature_counts(x):
+    """{(kind, value): atoms} of mol_graph's one-hot columns, zero counts left out."""
+    names = ([("element", e) for e in bench.ELEMENTS + ("other",)] + [("aromatic", True)]
+             + [("charge", c) for c in bench.CHARGES + ("other",)]
+             + [("H", h) for h in tuple(range(bench.MAX_HS)) + ("more",)]
+             + [("degree", d) for d in tuple(range(bench.MAX_DEGREE)) + ("more",)] + [("ring", True)])
+    assert x.shape[1] == len(names) == bench.N_FEATURES
+    assert set(np.unique(x)) <= {0.0, 1.0}, "features are one-hot"
+    return {name: int(c) for name, c in zip(names, x.sum(0)) if c}
+
+
+@pytest.mark.parametrize("smiles, atoms, edges, counts", [
+    ("c1ccccc1", 6, 12, {("element", "C"): 6, ("aromatic", True): 6, ("charge", 0): 6, ("H", 1): 6,
+                         ("degree", 2): 6, ("ring", True): 6}),
+    ("CCO", 3, 4, {("element", "C"): 2, ("element", "O"): 1, ("charge", 0): 3, ("H", 3): 1, ("H", 2): 1,
+                   ("H", 1): 1, ("degree", 1): 2, ("degree", 2): 1}),
+    ("CC(=O)[O-].[NH4+]", 5, 6, {("element", "C"): 2, ("element", "O"): 2, ("element", "N"): 1,
+                                 ("charge", 0): 3, ("charge", -1): 1, ("charge", 1): 1, ("H", 3): 1,
+                                 ("H", 0): 3, ("H", "more"): 1, ("degree", 1): 3, ("degree", 3): 1,
+                                 ("degree", 0): 1}),
+    ("CC1CC1[Sn]", 5, 10, {("element", "C"): 4, ("element", "other"): 1, ("charge", 0): 5, ("H", 3): 1,
+                           ("H", 2): 1, ("H", 1): 2, ("H", 0): 1, ("degree", 1): 2, ("degree", 2): 1,
+                           ("degree", 3): 2, ("ring", True): 3}),
+], ids=["benzene", "ethanol", "acetate_ammonium", "methylcyclopropyl_tin"])
+def test_featuriser_counted_by_hand(smiles, atoms, edges, counts):
+    x, bonds = bench.mol_graph(molecule(smiles))
+    assert x.shape == (atoms, bench.N_FEATURES), f"{smiles}: x has shape {x.shape}"
+    assert bonds.num_edges == edges, f"{smiles}: {bonds.num_edges} directed edges, want {edges}"
+    j, i = bonds.edge_index
+    assert set(zip(j.tolist(), i.tolist())) == set(zip(i.tolist(), j.tolist())), "every bond both ways"
+    assert feature_counts(x) == counts, f"{smiles}: feature counts {feature_counts(x)}"
+
+
+def test_penalized_logp_by_hand():
+    """logP - SA - max(0, largest ring - 6): cyclooctane's ring costs 2, toluene's none."""
+    from rdkit.Chem import Crippen
+    for smiles, ring_penalty in (("C1CCCCCCC1", 2), ("Cc1ccccc1", 0)):
+        mol = molecule(smiles)
+        want = Crippen.MolLogP(mol) - bench.sa_scorer().calculateScore(mol) - ring_penalty
+        got = bench.penalized_logp(mol)
+        assert abs(got - want) < 1e-12, f"penalized logP of {smiles}: {got}, want {want}"
+
+
+def test_molecule_bad_input(tmp_path, monkeypatch):
+    """A SMILES RDKit cannot parse is an error naming its row (never skipped), as is a bad split."""
+    pytest.importorskip("rdkit")
+    with pytest.raises(ValueError, match=r"row 7: RDKit cannot parse the SMILES 'C1CC'"):
+        bench.parse_smiles("C1CC", 7)
+    with pytest.raises(TypeError, match="row 2: SMILES must be a str"):
+        bench.parse_smiles(None, 2)
+    bad = tmp_path / "solubility.csv"
+    bad.write_text("smiles,sol,split\nCCO,0.5,train\nC(C,1.0,test\n")
+    monkeypatch.setattr(bench, "SOLUBILITY_CSV", str(bad))
+    with pytest.raises(ValueError, match=r"row 3: RDKit cannot parse the SMILES 'C\(C'"):
+        bench.solubility_data()
+    bad.write_text("smiles,sol,split\nCCO,0.5,valid\n")
+    with pytest.raises(ValueError, match="row 2: split must be train or test, got 'valid'"):
+        bench.solubility_data()
+
+
+def test_solubility_csv_split():
+    """data/solubility.csv holds Huuskonen's split as given: 1,025 training and 257 test molecules."""
+    import csv
+    with open(bench.SOLUBILITY_CSV, newline="") as f:
+        rows = list(csv.DictReader(f))
+    counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "test")}
+    assert counts == {"train": 1025, "test": 257}, counts
+
+
+def test_mol_loss_gradients():
+    """bench's molecule model, every block and the shared hop table, on a tiny float64 batch: its
+    gradients against central differences of its MSE (random targets, so not a plain sum)."""
+    recs = bench.mol_records([(molecule(s), y) for s, y in (("CCO", 0.3), ("c1ccccc1O", -1.2), ("CC(=O)[O-]", 2.0))])
+    c = dict(bench.MOL["quick"], D=8, H=2)
+    for arm in ("bonds+rwse", "complete+spd"):
+        b = bench.mol_batch(arm, recs, 0.5, 1.5)
+        P = bench.mol_init(arm, b["z"].shape[1], c, np.random.default_rng(0), np.float64)
+        if arm == "complete+spd":
+            P["spd"] = np.random.default_rng(1).normal(size=P["spd"].shape)
+
+        def loss():
+            return bench.mol_loss(P, b, with_grads=False)[1]
+        grads = bench.mol_loss(P, b)[2]
+        assert set(grads) == set(P), f"{arm}: gradients {sorted(set(grads) ^ set(P))} missing or extra"
+        for name in ("emb_W", "head_W", "head_b", "block0.Wq", "block1.W1", "spd"):
+            if name in P:                        # 24 entries of each: the test stays fast
+                at = np.random.default_rng(2).choice(P[name].size, min(24, P[name].size), replace=False)
+                assert_close(f"{arm}: d loss / d {name} at flat entries {at.tolist()}", grads[name].flat[at],
+                             central_differences(loss, P[name], at), FD_RTOL, FD_ATOL)
+
+
+def test_bench_molecules_quick(tmp_path):
+    """bench.py --quick --only molecules prints both tables and writes the issue's JSON shape."""
+    pytest.importorskip("rdkit")
+    out = tmp_path / "mol.json"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--quick", "--only", "molecules",
+                        "--seeds", "2", "--json", str(out)], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"bench.py --quick --only molecules failed:\n{r.stderr[-3000:]}"
+    assert "solubility (log10 mol/L), test RMSE" in r.stdout and "penalized logP" in r.stdout, r.stdout[-3000:]
+    wide = [line for line in r.stdout.splitlines() if len(line) > 100 and not line.startswith("json")]
+    assert not wide, f"the output must fit in 100 columns: {wide}"
+    import json
+    m = json.loads(out.read_text())["molecules"]
+    assert set(m) == {"solubility", "penalized_logp"}, set(m)
+    assert set(m["solubility"]["baselines"]) == {"mean", "bag_of_atoms", "esol_published", "esol_refit"}
+    assert set(m["penalized_logp"]["baselines"]) == {"mean", "bag_of_atoms"}
+    for target, metric in (("solubility", "rmse"), ("penalized_logp", "mae")):
+        t = m[target]
+        assert t["metric"] == metric and t["n_train"] > 0 and t["n_test"] > 0, t
+        assert tuple(t["arms"]) == bench.MOL_ARMS, tuple(t["arms"])
+        for arm, a in t["arms"].items():
+            assert len(a["test"]) == len(a["train"]) == 2 and a["seconds"] > 0, (target, arm, a)
+            assert all(np.isfinite(a["test"] + a["train"])), (target, arm, a)
