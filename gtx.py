@@ -6,7 +6,7 @@ on its own). The file is in two parts:
 - Part 1, the reference, is what to read: graphs, parameters, two plain backends that agree to
   round-off, naive (per-edge loops, the executable spec) and textbook (softmax(Q K^T / sqrt(dh)
   + bias) V over all N^2 pairs, the graph a -inf mask), the block, positional encodings and the
-  API. NumPy, SciPy's erf and the standard library only.
+  API. Its code uses NumPy, SciPy's erf and the standard library only.
 - Part 2, the engine, computes the same math fast: dense (textbook by blocks of rows) and sparse
   (Numba kernels over the edges), choose_backend, validation, the torch maps and the plumbing.
 
@@ -47,7 +47,8 @@ class Graph:
             raise ValueError(f"edge_index must have shape (2, E), got {ei.shape}")
         if ei.size and (ei.dtype == bool or not np.issubdtype(ei.dtype, np.integer)):
             raise ValueError(f"edge_index must hold integers, got dtype {ei.dtype}")
-        _check_memory(100 * ei.shape[1], f"Graph: sorting {ei.shape[1]:,} edges",   # copies, keys
+        # about 100 bytes an edge: int64 copies of the list, its sort keys, order and CSR arrays
+        _check_memory(100 * ei.shape[1], f"Graph: sorting {ei.shape[1]:,} edges",
                       "; complete_graph, causal_graph(n, window), batch_graphs list no edges")
         bad = np.flatnonzero(((ei < 0) | (ei >= N)).any(0))
         if bad.size:
@@ -161,14 +162,15 @@ def batch_graphs(graphs):
     ptr = np.cumsum([0] + [g.num_nodes for g in graphs], dtype=np.int64)     # (B+1,) node offsets
     eptr = np.cumsum([0] + [g.num_edges for g in graphs], dtype=np.int64)    # (B+1,) edge offsets
     if all(g.ranges is not None for g in graphs) and len({g.self_loops for g in graphs}) < 2:
-        lo = _join([p.ranges[0] + o for p, o in zip(graphs, ptr)])    # (N,) each
-        hi = _join([p.ranges[1] + o for p, o in zip(graphs, ptr)])
+        lo = _join([part.ranges[0] + o for part, o in zip(graphs, ptr)])      # (N,) each
+        hi = _join([part.ranges[1] + o for part, o in zip(graphs, ptr)])
         return Graph._structured(lo, hi, all(g.self_loops for g in graphs), ptr)
-    indptr = _join([[0]] + [p.indptr[1:] + e for p, e in zip(graphs, eptr)])
+    indptr = _join([[0]] + [part.indptr[1:] + e for part, e in zip(graphs, eptr)])
     g = Graph.__new__(Graph)._setup(int(ptr[-1]), eptr[-1], ptr, indptr)
-    g.edge_index = _read_only(np.concatenate([p.edge_index + o for p, o in zip(graphs, ptr)], 1))
-    g.src = _join([p.src + o for p, o in zip(graphs, ptr)])             # (E,) each
-    g.perm = _join([p.perm + e for p, e in zip(graphs, eptr)])
+    edges = [part.edge_index + o for part, o in zip(graphs, ptr)]      # (2, E_part) each
+    g.edge_index = _read_only(np.concatenate(edges, 1))
+    g.src = _join([part.src + o for part, o in zip(graphs, ptr)])       # (E,) each
+    g.perm = _join([part.perm + e for part, e in zip(graphs, eptr)])
     return g
 
 
@@ -223,7 +225,10 @@ def init_block(d_model, n_heads, d_ff=None, d_head=None, rng=None, dtype=np.floa
     W1 (D, F) and W2 (F, D) Glorot-uniform, b1 (F,) and b2 (D,) zero; F = d_ff or 4 D."""
     rng = np.random.default_rng(rng)
     p = init_params(d_model, n_heads, d_head, rng, dtype)
-    D, F = d_model, 4 * d_model if d_ff is None else _count("d_ff", d_ff, 1)
+    D = d_model
+    F = 4 * D
+    if d_ff is not None:
+        F = _count("d_ff", d_ff, 1)
     bound = math.sqrt(6 / (D + F))                  # Glorot, the same for (D, F) and (F, D)
     for ln in ("ln1", "ln2"):
         p[ln + "_w"], p[ln + "_b"] = np.ones(D, dtype), np.zeros(D, dtype)
@@ -299,8 +304,9 @@ def naive_backward(do, cache, dq, dk, dv):
 # FlashAttention's notation. The graph is an additive mask: B[h, i, j] is the edge's bias (0
 # without one) where j -> i is an edge and -inf where it is not, so exp gives those pairs weight 0.
 # A row without edges (or whose every score is -inf) has m = 0 and l = 0, taken as 1: its P and O
-# are exactly 0. The cache keeps O and lse, not P: the backward recomputes P = exp(S - lse), as
-# FlashAttention's does and dense does by blocks. Its arrays are O(H N^2): for reading, small graphs.
+# are exactly 0. The cache keeps O and lse, and the backward recomputes P = exp(S - lse), as
+# FlashAttention's does: the same backward as dense's, which has no N^2 array to keep. Here B is as
+# large as P: every array is O(H N^2), for reading and small graphs.
 TextbookCache = namedtuple("TextbookCache", "Q K V B O lse alpha g has_bias")
 
 
@@ -316,11 +322,11 @@ def textbook_forward(q, k, v, bias, g):
     Q, K, V = q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)   # (H, N, dh)
     src, dst = g.edge_index                                             # (E,) each
     B = np.full((H, N, N), -np.inf, q.dtype)                            # (H, N, N)
-    B[:, dst, src] = 0 if bias is None else bias.T
+    B[:, dst, src] = 0 if bias is None else bias.T                     # bias.T (H, E)
     # pass 1: scores S = Q K^T / sqrt(dh) + B
     S = Q @ K.transpose(0, 2, 1) / math.sqrt(dh) + B                    # (H, N, N)
     # pass 2: each row's max m, subtracted for numerical stability
-    m = S.max(-1, keepdims=True, initial=-np.inf)                       # (H, N, 1) N = 0 too
+    m = S.max(-1, keepdims=True, initial=-np.inf)                       # (H, N, 1); initial: N = 0
     m[m == -np.inf] = 0
     # pass 3: exponentials, summed per row in l
     P = np.exp(S - m)                                                   # (H, N, N) unnormalised
@@ -376,8 +382,9 @@ def layernorm_backward(dout, cache):
     # backward of out = zhat w + b: dw = sum over nodes of dout zhat, db = sum of dout
     dw, db = (dout * zhat).sum(0), dout.sum(0)                          # (D,) each
     dzhat = dout * w                                                    # (N, D)
-    # backward of zhat = (z - mean(z)) rstd, rstd = 1 / sqrt(var(z) + eps): with dmean = -mean(dz)
-    # and dvar = -rstd^2 zhat mean(dzhat zhat) / 2 collected, the closed form (llm.c's layernorm)
+    # backward of zhat = (z - mean(z)) rstd, rstd = 1 / sqrt(var(z) + eps): z reaches zhat directly
+    # (rstd dzhat), through the mean (-rstd mean(dzhat)) and through rstd, d rstd / dz_k = -rstd^2
+    # zhat_k / D (-rstd zhat mean(dzhat zhat)); summed, the closed form of llm.c's layernorm
     dz = rstd * (dzhat - dzhat.mean(1, keepdims=True)
                  - zhat * (dzhat * zhat).mean(1, keepdims=True))        # (N, D)
     return dz, dw, db
@@ -509,7 +516,7 @@ def _components(g):
         new = label.copy()
         np.minimum.at(new, dst, label[src])
         np.minimum.at(new, src, label[dst])
-        new = new[new]                          # a label is a node of the component: jump through it
+        new = new[new]                          # a label is a node of its component: jump through
         if np.array_equal(new, label):
             return np.unique(label, return_inverse=True)[1]
         label = new
@@ -535,7 +542,8 @@ def random_walk_pe(g, k):
     comp = _components(g)
     local, size = _local_index(comp)
     _check_memory(24 * int((size.astype(np.float64) ** 2).sum()),
-                  f"random_walk_pe: the walk matrices of {size.size:,} components (largest {size.max(initial=0):,})",
+                  f"random_walk_pe: the walk matrices of {size.size:,} components "
+                  f"(largest {size.max(initial=0):,})",
                   "; it is exact by dense matrix powers per connected component")
     src, dst = g.edge_index
     keep = src != dst
@@ -566,7 +574,8 @@ def shortest_path_lengths(g, pairs):
     per source of pairs, all at once: each source keeps a row the size of its component, so a batch
     of molecules stays within O(E_pairs) memory, never N x N; sources run in chunks of that size."""
     if not isinstance(g, Graph) or not isinstance(pairs, Graph):
-        raise TypeError(f"g and pairs must be gtx.Graph, got {type(g).__name__} and {type(pairs).__name__}")
+        raise TypeError(f"g and pairs must be gtx.Graph, got {type(g).__name__} and "
+                        f"{type(pairs).__name__}")
     if pairs.num_nodes != g.num_nodes:
         raise ValueError(f"pairs must be on g's {g.num_nodes} nodes, has {pairs.num_nodes}")
     comp = _components(g)
@@ -585,7 +594,7 @@ def shortest_path_lengths(g, pairs):
                   f"shortest_path_lengths: searches of {cap:,} (source, node) slots at a time")
     chunk = np.cumsum(width) // cap                                     # (S,) chunk of each source
     for c in np.unique(chunk):
-        s = sources[chunk == c]                                         # (S_c,) this chunk's sources
+        s = sources[chunk == c]                                         # (S_c,) the chunk's sources
         base = np.cumsum(width[chunk == c]) - width[chunk == c]         # (S_c,) row offsets
         dist = np.full(int(width[chunk == c].sum()), -1, np.int64)      # (sum of rows,)
         dist[base + local[s]] = 0
@@ -593,7 +602,7 @@ def shortest_path_lengths(g, pairs):
         while node.size:
             d += 1
             count = out_ptr[node + 1] - out_ptr[node]
-            at = np.repeat(np.arange(node.size), count)                 # frontier entry of each step
+            at = np.repeat(np.arange(node.size), count)                 # each step's frontier entry
             step = np.arange(at.size) - np.repeat(np.cumsum(count) - count, count)
             w = out_dst[out_ptr[node][at] + step]
             slot = base[row[at]] + local[w]
@@ -693,7 +702,7 @@ from threadpoolctl import ThreadpoolController
 # dense_forward is textbook_forward, otherwise identical, except (time without each / with):
 # - blocks of target rows, each against only the source columns its rows need (dense_blocks), a
 #   block's mask built once per graph: nothing N^2 is made or kept, P is recomputed block by block;
-# - each block's columns in key tiles of _TILE, with an online softmax (FlashAttention-2's): the
+# - a block's columns in key tiles of _TILE to 2 _TILE, an online softmax (FlashAttention-2's): the
 #   rows' shift c rides in pass 1's matmul and moves only when a tile's max passes it by _LAZY,
 #   so a tile is matmul, max, exp, matmul, and its (H, R, _TILE) scores stay in the cache, where
 #   a block's (H, R, C) did not: long 1.19x, causal 1.11x, transformer 1.04x (AMD EPYC);
@@ -776,9 +785,9 @@ def dense_bytes(g, n_heads, d_head, dtype, edge_bias=False, block_rows=None, d_m
     T = math.inf
     if not edge_bias:               # with a bias a tile is the whole block: _tile_columns
         T = _TILE
-    cells = max([b.R * min(b.C, T) for b in blocks], default=0)          # the largest R C
+    cells = max([b.R * min(b.C, 2 * T) for b in blocks], default=0)      # the largest R C
     rows = max([b.R for b in blocks], default=0)
-    cols = max([min(b.C, T) for b in blocks], default=0)
+    cols = max([min(b.C, 2 * T) for b in blocks], default=0)
     threads = nb.get_num_threads()
     scratch = threads * H * ((2 + edge_bias) * cells + rows * (3 * dh + 2) + cols * dh) * item
     if edge_bias:                   # a block's edges gathered: positions (17 bytes a pair), values
@@ -855,13 +864,17 @@ def _split(blocks, g, bad):
 
 
 def _key_tiles(b, T):
-    """Block b's columns cut into tiles of at most T, each a Block of b's rows with its share of
-    b's mask (a view): a tile's scores, (H, R, T), stay in the cache while passes 1-4 run on them."""
-    if b.C <= T:
+    """Block b's columns cut into C // T tiles of equal width, T to 2 T columns, each a Block of b's
+    rows with its share of b's mask (a view): a tile's scores stay in the cache while passes 1-4
+    run on them. A block narrower than 2 T stays whole: its tiles would save less than the online
+    softmax's bookkeeping costs (small 13% slower)."""
+    count = b.C // T
+    if count < 2:
         return [b]
+    width = math.ceil(b.C / count)
     tiles = []
-    for t0 in range(0, b.C, T):
-        t1 = min(t0 + T, b.C)
+    for t0 in range(0, b.C, width):
+        t1 = min(t0 + width, b.C)
         if isinstance(b.cols, slice):
             cols = slice(b.cols.start + t0, b.cols.start + t1)
         else:
@@ -880,7 +893,7 @@ def _tile_columns(b, bias):
     block's own edges."""
     if bias is None:
         return _TILE
-    return b.C
+    return max(b.C, 1)
 
 
 def _nonfinite(*arrays, bad=None):
@@ -1174,7 +1187,7 @@ def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
     scale = np.dtype(dtype).itemsize / 4                # float64 costs about twice float32
     blocks = dense_blocks(g)
     pairs = sum(b.R * b.C for b in blocks)                              # dense's (row, column)s
-    tiles = sum(max(1, math.ceil(b.C / _TILE)) for b in blocks)         # key tiles (_key_tiles)
+    tiles = sum(max(1, b.C // _TILE) for b in blocks)                   # key tiles (_key_tiles)
     cost = {"dense": c["dense_call"] + c["dense_tile"] * tiles
             + scale * H * pairs * (c["dense_pair"] + dh * c["dense_mac"]),
             "sparse": c["sparse_call"] + scale * g.num_nodes * c["sparse_node"]
