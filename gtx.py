@@ -191,7 +191,6 @@ def random_graph(n, avg_degree=None, density=None, rng=None):
     return Graph(np.stack([src + (src >= dst), dst]), n)    # shift past the diagonal: no self-loops
 
 
-
 # ---------------------------------------------------------------- parameters
 
 def init_params(d_model, n_heads, d_head=None, rng=None, dtype=np.float64):
@@ -217,7 +216,6 @@ def init_params(d_model, n_heads, d_head=None, rng=None, dtype=np.float64):
     return dict(Wq=W(qkv, D, H, dh), Wk=W(qkv, D, H, dh), Wv=W(qkv, D, H, dh), Wo=W(out, H, dh, D),
                 bq=np.zeros((H, dh), dtype), bk=np.zeros((H, dh), dtype),
                 bv=np.zeros((H, dh), dtype), bo=np.zeros(D, dtype))
-
 
 
 def init_block(d_model, n_heads, d_ff=None, d_head=None, rng=None, dtype=np.float64):
@@ -298,7 +296,6 @@ def naive_backward(do, cache, dq, dk, dv):
     return ds
 
 
-
 # ---------------------------------------------------------------- textbook
 # The Transformer's attention as a textbook writes it, per head, over all N^2 pairs (i, j), in
 # FlashAttention's notation. The graph is an additive mask: B[h, i, j] is the edge's bias (0
@@ -364,7 +361,6 @@ def textbook_backward(do, cache, dq, dk, dv):
     return None
 
 
-
 # ---------------------------------------------------------------- block
 # A Transformer layer is a GNN layer: attention aggregates each node's in-neighbours, then a
 # residual, LayerNorm and a position-wise FFN update every node on its own. No dropout.
@@ -388,7 +384,6 @@ def layernorm_backward(dout, cache):
     dz = rstd * (dzhat - dzhat.mean(1, keepdims=True)
                  - zhat * (dzhat * zhat).mean(1, keepdims=True))        # (N, D)
     return dz, dw, db
-
 
 
 def ffn_forward(z, p, activation):
@@ -468,7 +463,6 @@ def block_backward(dy, cache):
         dx += dr1
     grads.update(attention_grads)
     return dx, grads
-
 
 
 # ---------------------------------------------------------------- encodings
@@ -672,8 +666,8 @@ def backward(dy, cache):
 
 
 def attention_weights(cache):
-    """alpha (E, H) in the graph's input edge order: naive and textbook keep it; for dense and
-    sparse, the sparse kernels recompute it (only they hold it per edge)."""
+    """alpha (E, H) in the graph's input edge order, a new array: naive, textbook and sparse keep
+    it; for dense, which keeps no per-edge array, the sparse kernels recompute it."""
     if not isinstance(cache, Cache):
         raise TypeError(f"cache must be forward's second value, got {type(cache).__name__}")
     if cache.backend in ENGINE:
@@ -743,6 +737,8 @@ def dense_blocks(g, block_rows=None):
             else:
                 yield _structured_block(g, r0, r1)
     return g.derived(("dense", R), lambda: list(plan()))
+
+
 def _general_block(g, r0, r1):          # columns: the sources of the rows' edges
     cols = np.unique(g.src[g.indptr[r0]:g.indptr[r1]])
     C = cols.size
@@ -1164,7 +1160,6 @@ def sparse_backward(do, cache, dq, dk, dv):
     return _input_order(ds, g) if has_bias else None
 
 
-
 # ---------------------------------------------------------------- choose_backend
 # The engine's backends, the ones auto chooses between; textbook and naive are for reading.
 ENGINE = ("dense", "sparse")
@@ -1297,7 +1292,6 @@ def block_from_torch(state_dict, n_heads):
     return _check_params(p, D, None, BLOCK_KEYS)                        # linear1, linear2's shapes
 
 
-
 # ---------------------------------------------------------------- plumbing
 # What serves speed or safety but teaches nothing about attention: the layer on gtx's threads,
 # memory guards, prefetch, MXCSR, the BLAS hold, threads, buffers and split matmuls.
@@ -1339,8 +1333,11 @@ def _engine_backward(dy, cache):
 
 
 def _engine_attention_weights(cache):
-    """attention_weights for dense and sparse: the sparse kernels' alpha (E, H), recomputed."""
+    """attention_weights for dense and sparse: sparse's own alpha (E, H), or, for dense, which keeps
+    no per-edge array, the sparse kernels' recomputed."""
     g = cache.attention.g
+    if cache.backend == "sparse":
+        return _input_order(cache.attention.alpha, g)                   # a new array
     with _one_blas_thread():
         q, k, v = _project(cache.x, cache.params)                       # (N, H, dh) each
         alpha = sparse_forward(q, k, v, cache.edge_bias, g)[1].alpha    # (E, H) CSR order
@@ -1371,7 +1368,6 @@ def _project_backward(dqkv, x, p, grads):
     for n, c in enumerate("qkv"):
         grads["W" + c], grads["b" + c] = dW[:, n], db[n]
     return dx
-
 
 
 def _layer_bytes(N, n_heads, d_head, d_model, dtype):
