@@ -109,7 +109,10 @@ def make_inputs(g, D=6, H=2, dh=4, dtype=F64, seed=0, bias=True):
 
 
 def astype(dtype, x, p, dy, eb):
-    cast = lambda a: None if a is None else a.astype(dtype)
+    def cast(a):
+        if a is None:
+            return None
+        return a.astype(dtype)
     return cast(x), {k: cast(v) for k, v in p.items()}, cast(dy), cast(eb)
 
 
@@ -726,14 +729,15 @@ def assert_nonfinite_where_naive(outs, what):
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "edge_bias"])
 @pytest.mark.parametrize("tile", [512, 3])
 @pytest.mark.parametrize("graph", ["batch", "batch_mixed", "batch_complete", "random0", "window"])
-def test_nonfinite_feature_reaches_every_output_only_as_in_naive(graph, bias, tile, monkeypatch):
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_nonfinite_feature_reaches_every_output_only_as_in_naive(graph, bias, tile, dtype, monkeypatch):
     """An inf or NaN feature at each node in turn, on a batch of graphs and on general ones: y, dx and
     every gradient are non-finite exactly where naive's are, in every backend but textbook; dense
-    also with key tiles of 3 columns."""
+    also with key tiles of 3 columns; in float32 too, where dense's exp is _exp32."""
     monkeypatch.setattr(gtx, "_TILE", tile)
     g = GRAPHS[graph]()
     for bad_node in range(g.num_nodes):
-        x, p, dy, eb = make_inputs(g, seed=26, bias=bias)
+        x, p, dy, eb = make_inputs(g, seed=26, bias=bias, dtype=dtype)
         x[bad_node] = np.nan if bad_node % 2 else np.inf
         outs = {b: run(b, g, x, p, dy, eb) for b in NAN_SAFE}
         assert_nonfinite_where_naive(outs, f"{graph}, bad node {bad_node}")
@@ -813,6 +817,33 @@ def test_dense_extreme_scores(case, dtype, monkeypatch):
         for key in ref:
             assert_close(f"dense ({case}, {dtype.__name__}, tile {tile}) {key}", out[key], ref[key],
                          RTOL[dtype], ATOL[dtype])
+
+
+def float32s(lo, hi, step):
+    """Every step-th float32 in [lo, hi] (lo < 0 < hi), stepping the bit patterns: each binade alike."""
+    neg = np.arange(2**31, np.float32(lo).view(np.uint32) + 1, step, dtype=np.uint64)
+    pos = np.arange(0, np.float32(hi).view(np.uint32) + 1, step, dtype=np.uint64)
+    return np.concatenate([neg, pos]).astype(np.uint32).view(np.float32)
+
+
+def test_float32_exp_matches_numpy():
+    """_exp32 on the inputs dense meets, s - m <= _LAZY and s - lse <= 0, and well past them:
+    within 2 ulp of the exact exp and 3 of np.exp's float32 where exp is a normal float; below
+    that 0 or a denormal, as np.exp; exp(-inf) exactly 0 (a non-edge), inf at inf, NaN kept."""
+    x = np.concatenate([float32s(-104, 88.3, 499), np.float32([-np.inf, np.inf, np.nan, 88.3762])])
+    got = gtx._exp32(x.copy())
+    with np.errstate(over="ignore", under="ignore"):
+        exact, want = np.exp(x.astype(F64)), np.exp(x)
+    normal = (exact >= np.finfo(F32).tiny) & (exact <= np.finfo(F32).max)
+    ulp = np.spacing(exact[normal].astype(F32)).astype(F64)
+    worst = (np.abs(got[normal] - exact[normal]) / ulp).max()
+    assert worst <= 2, f"_exp32 is {worst:.2f} ulp from exp"
+    apart = np.abs(got[normal].view(np.int32).astype(np.int64) - want[normal].view(np.int32)).max()
+    assert apart <= 3, f"_exp32 is {apart} ulp from np.exp"
+    small = got[(exact < np.finfo(F32).tiny) & ~np.isnan(x)]
+    assert ((small >= 0) & (small < np.finfo(F32).tiny)).all(), f"below normal: up to {small.max():g}"
+    assert got[-4] == 0 and got[-3] == np.inf and np.isnan(got[-2]) and np.isfinite(got[-1])
+    assert got.size > 4 * 10**6 and normal.sum() > 10**6, "the sweep must cover the range"
 
 
 @pytest.mark.parametrize("scale", [5, 8])
