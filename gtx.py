@@ -1530,8 +1530,8 @@ def _lanes(blocks):
     """The dense blocks in contiguous runs of about equal work, one per thread (a lane), largest
     block first: a thread's buffers are made once, at their largest (causal peak 187 -> 132 MiB)."""
     n = nb.get_num_threads()
-    work = np.cumsum([b.R * b.C for b in blocks] or [0])
-    cuts = [0, *np.searchsorted(work, work[-1] * np.arange(1, n) / n, "right"), len(blocks)]
+    work = np.cumsum([0] + [b.R * b.C for b in blocks])               # (blocks + 1,) work before
+    cuts = np.r_[0, np.searchsorted(work[1:], work[-1] * np.arange(1, n) / n, "right"), len(blocks)]
     lanes = [blocks[a:z] for a, z in zip(cuts[:-1], cuts[1:])]
     return [sorted(lane, key=lambda b: b.R * b.C, reverse=True) for lane in lanes]
 
