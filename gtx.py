@@ -910,7 +910,7 @@ def _exp32(a):
     bits = x.view(np.int32)                         # the same memory: 2^n goes in as bits
     for i in range(x.size):
         v = x[i]
-        c = min(max(v, _EXP_LO), _EXP_HI)
+        c = min(max(_EXP_LO, v), _EXP_HI)            # NaN: _EXP_LO, so n casts a number
         n = np.floor(c * np.float32(1.442695) + np.float32(0.5))
         r = c - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
         p = np.float32(0)
