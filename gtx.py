@@ -3,12 +3,11 @@
 One multi-head scaled-dot-product graph attention layer, forward and hand-written backward, and
 the Transformer block around it (attention, then LayerNorm and a feed-forward network, each node
 on its own). The file is in two parts:
-- Part 1, the reference, is what to read: graphs, parameters, two plain backends that agree to
-  round-off, naive (per-edge loops, the executable spec) and textbook (softmax(Q K^T / sqrt(dh)
-  + bias) V over all N^2 pairs, the graph a -inf mask), the block, positional encodings and the
-  API. Its code uses NumPy, SciPy's erf and the standard library only.
+- Part 1, the reference, is what to read: graphs, parameters, naive (per-edge loops, the spec) and
+  textbook (softmax(Q K^T / sqrt(dh) + bias) V over all N^2 pairs, the graph a -inf mask), which
+  agree to round-off, the API, the block and encodings: NumPy, SciPy's erf and psutil, no Numba.
 - Part 2, the engine, computes the same math fast: dense (textbook by blocks of rows) and sparse
-  (Numba kernels over the edges), choose_backend, validation, the torch maps and the plumbing.
+  (Numba kernels over the edges), its choose_backend, the torch maps and the plumbing.
 
 Edge e carries a message from source j = edge_index[0, e] to target i = edge_index[1, e]:
     q, k, v = x Wq + bq, x Wk + bk, x Wv + bv                         (N, H, dh) each
@@ -24,6 +23,7 @@ import math
 from collections import namedtuple
 
 import numpy as np
+import psutil
 from scipy.special import erf
 
 PARAM_KEYS = ("Wq", "Wk", "Wv", "bq", "bk", "bv", "Wo", "bo")
@@ -32,81 +32,7 @@ FLOATS = (np.float32, np.float64)
 
 
 # ---------------------------------------------------------------- graph
-
-class Graph:
-    """A directed graph, edge e carrying a message from j = edge_index[0, e] to i = edge_index[1, e]
-    (E,), kept as a CSR by target: the in-edges of i at indptr[i]:indptr[i+1], their sources src,
-    their input ids perm. complete_graph, causal_graph and batch_graphs build structured graphs in
-    O(N): node i attends to every j in [lo[i], hi[i]) = ranges, except j = i without self_loops.
-    Their src, perm and edge_index are built on first use; Graph(...) sets them at once."""
-
-    def __init__(self, edge_index, num_nodes):
-        N = _count("num_nodes", num_nodes)
-        ei = np.asarray(edge_index)
-        if ei.ndim != 2 or ei.shape[0] != 2:
-            raise ValueError(f"edge_index must have shape (2, E), got {ei.shape}")
-        if ei.size and (ei.dtype == bool or not np.issubdtype(ei.dtype, np.integer)):
-            raise ValueError(f"edge_index must hold integers, got dtype {ei.dtype}")
-        # about 100 bytes an edge: int64 copies of the list, its sort keys, order and CSR arrays
-        _check_memory(100 * ei.shape[1], f"Graph: sorting {ei.shape[1]:,} edges",
-                      "; complete_graph, causal_graph(n, window), batch_graphs list no edges")
-        bad = np.flatnonzero(((ei < 0) | (ei >= N)).any(0))
-        if bad.size:
-            raise ValueError(f"edge_index column {bad[0]} is {tuple(ei[:, bad[0]].tolist())}: "
-                             f"node indices must be in [0, num_nodes={N})")
-        src, dst = ei.astype(np.int64)
-        key = dst * N + src                         # (E,) one integer per (j, i) pair
-        order = np.argsort(key, kind="stable")      # (E,) edges sorted by (target, source)
-        same = key[order[1:]] == key[order[:-1]]      # (E-1,) an edge equal to the one before it
-        dup = order[1:][same]
-        if dup.size:
-            c = dup.min()
-            raise ValueError(f"duplicate edge (j, i) = ({src[c]}, {dst[c]}) at edge_index[:, {c}]")
-        self._setup(N, src.size, np.array([0, N]), _indptr(dst, N))
-        self.edge_index = _read_only(np.stack([src, dst]))      # (2, E) in input order
-        self.perm = order                                       # (E,) input edge ids, CSR order
-        self.src = src[order]                                   # (E,) sources, CSR order
-
-    def _setup(self, N, E, ptr, indptr, ranges=None, self_loops=True):
-        """ptr (B+1,): where each graph of a batch starts, [0, N] for one graph."""
-        self.num_nodes = N
-        self.num_edges = int(E)
-        self.ptr = ptr
-        self.indptr = indptr
-        self.ranges = ranges
-        self.self_loops = self_loops
-        self._derived = {}
-        return self
-
-    @classmethod
-    def _structured(cls, lo, hi, self_loops, ptr):
-        i = np.arange(lo.size, dtype=np.int64)
-        count = hi - lo - (0 if self_loops else (lo <= i) & (i < hi))     # (N,) in-edges
-        indptr = np.concatenate([[0], np.cumsum(count)])                   # (N+1,)
-        # valid by construction: no edge list for __init__ to check
-        return cls.__new__(cls)._setup(lo.size, count.sum(), ptr, indptr, (lo, hi), self_loops)
-
-    @functools.cached_property
-    def edge_index(self):           # (2, E); a structured graph's is built on first use, 16 E bytes
-        return _read_only(np.stack([self.src, _targets(self)]))
-
-    @functools.cached_property
-    def src(self):                  # (E,) in CSR order; a structured graph's ranges laid end to end
-        lo, hi = self.ranges
-        width = hi - lo                                                 # (N,)
-        # row i's sources run lo[i], lo[i] + 1, ...: one arange, less each row's offset
-        src = np.arange(width.sum()) - np.repeat(np.cumsum(width) - width - lo, width)
-        return src if self.self_loops else src[src != np.repeat(np.arange(self.num_nodes), width)]
-
-    @functools.cached_property
-    def perm(self):                 # (E,) a structured graph's CSR order is its input order
-        return np.arange(self.num_edges)
-
-    def derived(self, key, build):      # what a backend derives from the graph, built once
-        if key not in self._derived:
-            self._derived[key] = build()
-        return self._derived[key]
-
+# Two checks every part shares: counts, and memory before anything of N^2 or E is allocated.
 
 def _count(name, n, low=0):
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
@@ -116,27 +42,89 @@ def _count(name, n, low=0):
     return int(n)
 
 
+def available_bytes():               # what the OS can hand out now, on any OS
+    return psutil.virtual_memory().available
+
+
+def _check_memory(need, what, hint=""):
+    """A MemoryError that says how much what needs, rather than numpy's raw one part way through."""
+    have = available_bytes()
+    if need > have:
+        raise MemoryError(f"{what} needs about {need / 2**30:.1f} GiB, but {have / 2**30:.1f} "
+                          f"GiB is available{hint}")
+
+
+class Graph:
+    """A directed graph on num_nodes nodes: edge e carries a message from j = edge_index[0, e] to
+    i = edge_index[1, e], edge_index (2, E) read-only and in the order given (edge_bias's order).
+    ptr (B+1,) is where each graph of a batch starts, [0, N] for one; Graph(...) checks its edges.
+    complete_graph, causal_graph and batch_graphs build structured graphs in O(N): node i attends
+    to every j in [lo[i], hi[i]), ranges = (lo, hi), except j = i without self_loops (causal_graph
+    (3): lo 0 0 0, hi 1 2 3), their edge_index listed on first use, by target, sources ascending."""
+
+    def __init__(self, edge_index, num_nodes):
+        N = _count("num_nodes", num_nodes)
+        ei = np.asarray(edge_index)
+        if ei.ndim != 2 or ei.shape[0] != 2:
+            raise ValueError(f"edge_index must have shape (2, E), got {ei.shape}")
+        if ei.size and (ei.dtype == bool or not np.issubdtype(ei.dtype, np.integer)):
+            raise ValueError(f"edge_index must hold integers, got dtype {ei.dtype}")
+        # about 60 bytes an edge: the int64 copy of the list, its sort keys, their order, compares
+        _check_memory(60 * ei.shape[1], f"Graph: sorting {ei.shape[1]:,} edges",
+                      "; complete_graph, causal_graph(n, window), batch_graphs list no edges")
+        bad = np.flatnonzero(((ei < 0) | (ei >= N)).any(0))
+        if bad.size:
+            raise ValueError(f"edge_index column {bad[0]} is {tuple(ei[:, bad[0]].tolist())}: "
+                             f"node indices must be in [0, num_nodes={N})")
+        src, dst = ei.astype(np.int64)
+        key = dst * N + src                         # (E,) one integer per (j, i) pair
+        order = np.argsort(key, kind="stable")      # (E,) equal pairs side by side, first first
+        same = key[order[1:]] == key[order[:-1]]    # (E-1,) a pair equal to the one before it
+        if same.any():
+            c = order[1:][same].min()
+            raise ValueError(f"duplicate edge (j, i) = ({src[c]}, {dst[c]}) at edge_index[:, {c}]")
+        self._setup(N, src.size, np.array([0, N]))
+        self.edge_index = _read_only(np.stack([src, dst]))  # set: the property below is not called
+
+    def _setup(self, N, E, ptr, ranges=None, self_loops=True):     # every constructor's fields
+        self.num_nodes = N
+        self.num_edges = int(E)
+        self.ptr = ptr
+        self.ranges = ranges
+        self.self_loops = self_loops
+        return self
+
+    @classmethod
+    def _structured(cls, lo, hi, self_loops, ptr):
+        """The graph of ranges lo, hi (N,), valid by construction: no edge list to check."""
+        E = _range_counts(lo, hi, self_loops).sum()
+        return cls.__new__(cls)._setup(lo.size, E, ptr, (lo, hi), self_loops)
+
+    @functools.cached_property
+    def edge_index(self):           # (2, E) of a structured graph, listed on first use: 16 E bytes
+        lo, hi = self.ranges        # kept, 40 E at the peak: dst, the arange, the repeat, the stack
+        _check_memory(40 * self.num_edges, f"edge_index of {self.num_edges:,} structured edges")
+        width = hi - lo                                                 # (N,)
+        dst = np.repeat(np.arange(self.num_nodes), width)               # (sum of widths,)
+        # row i's sources run lo[i], lo[i] + 1, ...: one arange, less each row's offset (ranges
+        # [0, 1), [0, 2): arange 0 1 2, less 0 1 1, gives sources 0, 0 1)
+        src = np.arange(width.sum()) - np.repeat(np.cumsum(width) - width - lo, width)
+        if not self.self_loops:
+            keep = src != dst
+            src, dst = src[keep], dst[keep]
+        return _read_only(np.stack([src, dst]))
+
+
+def _range_counts(lo, hi, self_loops):  # (N,) each node's in-edges in a structured graph
+    if self_loops:
+        return hi - lo
+    i = np.arange(lo.size)
+    return hi - lo - ((lo <= i) & (i < hi))                             # less i -> i
+
+
 def _read_only(a):
     a.flags.writeable = False
     return a
-
-
-def _targets(g):                        # (E,) the target of each edge, in CSR order
-    return np.repeat(np.arange(g.num_nodes), np.diff(g.indptr))
-
-
-def _indptr(node_of_edge, N):           # (N+1,) CSR offsets: node n's edges, once sorted
-    return np.concatenate([[0], np.cumsum(np.bincount(node_of_edge, minlength=N))])
-
-
-def _to_csr(a, g):                      # (E, ...) from input edge order to CSR order
-    return a if a is None or g.ranges is not None else a[g.perm]
-
-
-def _input_order(a, g):                 # (E, ...) from CSR order to input edge order, a new array
-    out = np.empty_like(a)
-    out[slice(None) if g.ranges is not None else g.perm] = a   # structured: the same order
-    return out
 
 
 def complete_graph(n, self_loops=True):
@@ -160,17 +148,16 @@ def batch_graphs(graphs):
     if not all(isinstance(g, Graph) for g in graphs):
         raise TypeError("batch_graphs takes a list of Graph")
     ptr = np.cumsum([0] + [g.num_nodes for g in graphs], dtype=np.int64)     # (B+1,) node offsets
-    eptr = np.cumsum([0] + [g.num_edges for g in graphs], dtype=np.int64)    # (B+1,) edge offsets
+    E = sum(g.num_edges for g in graphs)
     if all(g.ranges is not None for g in graphs) and len({g.self_loops for g in graphs}) < 2:
         lo = _join([part.ranges[0] + o for part, o in zip(graphs, ptr)])      # (N,) each
         hi = _join([part.ranges[1] + o for part, o in zip(graphs, ptr)])
         return Graph._structured(lo, hi, all(g.self_loops for g in graphs), ptr)
-    indptr = _join([[0]] + [part.indptr[1:] + e for part, e in zip(graphs, eptr)])
-    g = Graph.__new__(Graph)._setup(int(ptr[-1]), eptr[-1], ptr, indptr)
-    edges = [part.edge_index + o for part, o in zip(graphs, ptr)]      # (2, E_part) each
-    g.edge_index = _read_only(np.concatenate(edges, 1))
-    g.src = _join([part.src + o for part, o in zip(graphs, ptr)])       # (E,) each
-    g.perm = _join([part.perm + e for part, e in zip(graphs, eptr)])
+    # each part is checked already, and offsets keep them apart: no edge list to check again
+    src = _join([part.edge_index[0] + o for part, o in zip(graphs, ptr)])    # (E,) each
+    dst = _join([part.edge_index[1] + o for part, o in zip(graphs, ptr)])
+    g = Graph.__new__(Graph)._setup(int(ptr[-1]), E, ptr)
+    g.edge_index = _read_only(np.stack([src, dst]))
     return g
 
 
@@ -181,14 +168,18 @@ def _join(parts):                       # int64 concatenation, also of no parts
 def random_graph(n, avg_degree=None, density=None, rng=None):
     """Uniform random directed graph, no self-loops or duplicates, edges in random order.
     Give avg_degree (E = round(avg_degree n)) or density (E = round(density n^2)), not both."""
+    n = _count("n", n)
     if (avg_degree is None) == (density is None):
         raise ValueError("random_graph: give exactly one of avg_degree or density")
     E = round(avg_degree * n) if density is None else round(density * n * n)
     if not 0 <= E <= n * (n - 1):
-        raise ValueError(f"random_graph: {E} edges exceed the n(n-1) = {n * (n - 1)} possible")
-    key = np.random.default_rng(rng).choice(n * (n - 1), size=E, replace=False)  # not diagonal
+        raise ValueError(f"random_graph: {E} edges; avg_degree or density must give 0 to n(n-1) = "
+                         f"{n * (n - 1)}")
+    # pair (j, i), j != i, as one of n (n - 1) keys: i = key // (n - 1), and j the remainder r, or
+    # r + 1 from the diagonal on (n = 3, i = 1: r = 0, 1 give j = 0, 2), so no self-loops
+    key = np.random.default_rng(rng).choice(n * (n - 1), size=E, replace=False)
     dst, src = np.divmod(key, max(n - 1, 1))
-    return Graph(np.stack([src + (src >= dst), dst]), n)    # shift past the diagonal: no self-loops
+    return Graph(np.stack([src + (src >= dst), dst]), n)
 
 
 # ---------------------------------------------------------------- parameters
@@ -239,9 +230,9 @@ def init_block(d_model, n_heads, d_ff=None, d_head=None, rng=None, dtype=np.floa
 # Each backend computes the attention between the projections q, k, v = x W + b that the API's
 # forward makes: forward(q, k, v, bias, g) -> (o, cache); backward(do, cache, dq, dk, dv) -> ds,
 # where do = dL/do, writes dL/dq, dL/dk, dL/dv into the (N, H, dh) dq, dk, dv and returns ds =
-# dL/ds (E, H). bias is None or (E, H); both in input edge order. ds is None without a bias, except
-# in naive, which always returns it.
-NaiveCache = namedtuple("NaiveCache", "q k v alpha g")
+# dL/ds (E, H), the bias's gradient, or None without a bias. bias is None or (E, H); both in input
+# edge order.
+NaiveCache = namedtuple("NaiveCache", "q k v alpha g has_bias")
 
 
 def naive_forward(q, k, v, bias, g):
@@ -267,12 +258,12 @@ def naive_forward(q, k, v, bias, g):
     for e, (j, i) in enumerate(zip(src, dst)):
         alpha[e] = ex[e] / np.maximum(den[i], 1)   # den >= 1 unless all scores are -inf: 0 / 1
         o[i] += alpha[e][:, None] * v[j]
-    return o, NaiveCache(q, k, v, alpha, g)
+    return o, NaiveCache(q, k, v, alpha, g, bias is not None)
 
 
 def naive_backward(do, cache, dq, dk, dv):
     """The forward's passes in reverse, each under the forward line it differentiates."""
-    q, k, v, alpha, g = cache
+    q, k, v, alpha, g, has_bias = cache
     src, dst = g.edge_index                                             # (E,) each
     N, H, dh = q.shape
     dq[:], dk[:], dv[:] = 0, 0, 0                   # the loops below add into them
@@ -281,7 +272,9 @@ def naive_backward(do, cache, dq, dk, dv):
     for e, (j, i) in enumerate(zip(src, dst)):
         dalpha[e] = (do[i] * v[j]).sum(-1)
         dv[j] += alpha[e][:, None] * do[i]
-    # backward of the softmax, passes 2-4's alpha: ds[e] = alpha[e] (dalpha[e] - delta[i]); pass 2's
+    # backward of the softmax, passes 2-4's alpha. For edges e, f into one target, d alpha[e] /
+    # d s[f] = alpha[e] ([e = f] - alpha[f]), so ds[f] = sum_e dalpha[e] alpha[e] ([e = f] -
+    # alpha[f]) = alpha[f] (dalpha[f] - delta[i]), delta[i] = sum_e alpha[e] dalpha[e]. Pass 2's
     # m needs no step of its own: softmax does not change when every score of a target shifts
     delta = np.zeros((N, H), q.dtype)               # (N, H) sum over i's in-edges of alpha dalpha
     for e, i in enumerate(dst):
@@ -293,17 +286,18 @@ def naive_backward(do, cache, dq, dk, dv):
     for e, (j, i) in enumerate(zip(src, dst)):
         dq[i] += ds[e][:, None] * k[j] / math.sqrt(dh)
         dk[j] += ds[e][:, None] * q[i] / math.sqrt(dh)
-    return ds
+    if has_bias:
+        return ds                                                       # dL/dbias = ds
+    return None
 
 
 # ---------------------------------------------------------------- textbook
 # The Transformer's attention as a textbook writes it, per head, over all N^2 pairs (i, j), in
-# FlashAttention's notation. The graph is an additive mask: B[h, i, j] is the edge's bias (0
-# without one) where j -> i is an edge and -inf where it is not, so exp gives those pairs weight 0.
-# A row without edges (or whose every score is -inf) has m = 0 and l = 0, taken as 1: its P and O
-# are exactly 0. The cache keeps O and lse, and the backward recomputes P = exp(S - lse), as
-# FlashAttention's does: the same backward as dense's, which has no N^2 array to keep. Here B is as
-# large as P: every array is O(H N^2), for reading and small graphs.
+# FlashAttention's notation, every array O(H N^2): for reading and small graphs. The graph is an
+# additive mask: B[h, i, j] is the edge's bias (0 without one) where j -> i is an edge and -inf
+# where it is not, so exp gives those pairs weight 0. A row without edges (or whose every score is
+# -inf) has m = 0 and l = 0, taken as 1: its P and O are exactly 0. The cache keeps O and each
+# row's log-sum-exp lse = m + log l; the backward recomputes P = exp(S - lse), as FlashAttention's.
 TextbookCache = namedtuple("TextbookCache", "Q K V B O lse alpha g has_bias")
 
 
@@ -315,7 +309,7 @@ def textbook_bytes(N, n_heads, dtype):
 def textbook_forward(q, k, v, bias, g):
     N, H, dh = q.shape
     _check_memory(textbook_bytes(N, H, q.dtype), f"textbook backend (N={N}, H={H})",
-                  "; use backend='dense', the same math by blocks of rows")
+                  "; the engine's backend='dense' (Part 2) is the same math by blocks of rows")
     Q, K, V = q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)   # (H, N, dh)
     src, dst = g.edge_index                                             # (E,) each
     B = np.full((H, N, N), -np.inf, q.dtype)                            # (H, N, N)
@@ -347,9 +341,11 @@ def textbook_backward(do, cache, dq, dk, dv):
     # backward of pass 4's O = P V: dV = P^T dO, dP = dO V^T
     dv[:] = (P.transpose(0, 2, 1) @ dO).transpose(1, 0, 2)
     dP = dO @ V.transpose(0, 2, 1)                                      # (H, N, N)
-    # backward of the softmax, passes 2-4's P: dS = P (dP - delta), delta = rowsum(P dP) =
-    # rowsum(dO O). Taken from O, as FlashAttention-2 does: the recomputed P, from a rounded lse,
-    # sums to 1 only to round-off, and a saturated row's tiny dS would drown in that error
+    # backward of the softmax, passes 2-4's P: dS = P * (dP - delta), delta_i = sum_j P_ij dP_ij
+    # (naive's derivation, row by row; * elementwise), and sum_j P_ij dP_ij = sum_j P_ij <dO_i, V_j>
+    # = <dO_i, sum_j P_ij V_j> = <dO_i, O_i>. Taken from O, as FlashAttention-2 does: the recomputed
+    # P, from a rounded lse, sums to 1 only to round-off, and in a saturated row, where dP - delta
+    # is a difference of nearly equal numbers, that error would be larger than dS itself
     delta = (dO * O).sum(-1, keepdims=True)                             # (H, N, 1)
     dS = P * (dP - delta)                                               # (H, N, N) 0 at non-edges
     # backward of pass 1, S = Q K^T / sqrt(dh) + B: dQ = dS K / sqrt(dh), dK = dS^T Q / sqrt(dh)
@@ -361,45 +357,175 @@ def textbook_backward(do, cache, dq, dk, dv):
     return None
 
 
+# ---------------------------------------------------------------- API
+# forward and backward put a backend inside the layer, between q, k, v = x W + b and y = o Wo + bo,
+# and check their inputs, once, for every backend, Part 2's too.
+Backend = namedtuple("Backend", "forward backward")
+BACKENDS = {"naive": Backend(naive_forward, naive_backward),
+            "textbook": Backend(textbook_forward, textbook_backward)}
+# LAYERS is empty here; Part 2 adds dense and sparse to BACKENDS and, to LAYERS, its own layer
+# for them, forward's and backward's steps on its threads, to which these functions hand them.
+LAYERS = {}
+Cache = namedtuple("Cache", "backend x params o attention edge_bias")
+
+
+def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
+    """auto's pick of Part 1's backends, textbook, with no estimates: ("textbook", {}). Part 2
+    defines choose_backend again, over its dense and sparse, and auto then takes that one."""
+    return "textbook", {}
+
+
+def _check_inputs(x, g, params, backend, edge_bias, keys):
+    """x, params (the given keys) and edge_bias, checked against g and each other."""
+    if not isinstance(g, Graph):
+        raise TypeError(f"g must be a Graph, got {type(g).__name__}")
+    if backend not in BACKENDS and backend != "auto":
+        raise ValueError(f"unknown backend {backend!r}; valid ones: {', '.join(BACKENDS)}, auto")
+    x = _as_float_array("x", x)
+    if x.ndim != 2 or x.shape[0] != g.num_nodes:
+        raise ValueError(f"x must have shape (num_nodes={g.num_nodes}, D), got {x.shape}")
+    p = _check_params(params, x.shape[1], x.dtype, keys)
+    if edge_bias is not None:
+        shape = (g.num_edges, p["Wq"].shape[1])                        # (E, H)
+        edge_bias = _as_float_array("edge_bias", edge_bias, x.dtype, shape)
+    return x, p, edge_bias
+
+
+def _as_float_array(name, a, dtype=None, shape=None):
+    a = np.asarray(a)
+    if a.dtype not in FLOATS:
+        raise ValueError(f"{name} must be float32 or float64, got dtype {a.dtype}")
+    if dtype is not None and a.dtype != dtype:
+        fix = (f"init_params(..., dtype=np.{dtype})" if name.startswith("params")
+               else f"{name}.astype(np.{dtype})")
+        raise ValueError(f"{name} has dtype {a.dtype} but x has {dtype}: all arrays must share "
+                         f"one float dtype; use {fix}")
+    if shape is not None and a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    return a
+
+
+def _check_params(params, D, dtype, keys):
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict, got {type(params).__name__}")
+    missing = [key for key in keys if key not in params]
+    if missing:
+        raise ValueError(f"params is missing {missing}")
+    Wq = np.asarray(params["Wq"])
+    if Wq.ndim != 3 or Wq.shape[0] != D:
+        raise ValueError(f"x has D={D} features but params['Wq'] has shape {Wq.shape}: "
+                         f"Wq must be (D, H, dh)")
+    _, H, dh = Wq.shape
+    F = np.size(params["W1"]) // max(D, 1) if "W1" in keys else 0   # a block's FFN width
+    shapes = dict(Wq=(D, H, dh), Wk=(D, H, dh), Wv=(D, H, dh), bq=(H, dh), bk=(H, dh),
+                  bv=(H, dh), Wo=(H, dh, D), bo=(D,), ln1_w=(D,), ln1_b=(D,), ln2_w=(D,),
+                  ln2_b=(D,), W1=(D, F), b1=(F,), W2=(F, D), b2=(D,))
+    return {key: _as_float_array(f"params['{key}']", params[key], dtype, shapes[key])
+            for key in keys}
+
+
+def forward(x, g, params, backend="auto", edge_bias=None):
+    """y (N, D) and a cache for backward. edge_bias (E, H), in g's input edge order, is added to
+    the scores. backend="auto" takes choose_backend's pick (of the engine's dense or sparse, with
+    Part 2); cache.backend records it. backend="naive" or "textbook" runs only Part 1's code."""
+    x, p, edge_bias = _check_inputs(x, g, params, backend, edge_bias, PARAM_KEYS)
+    N, D = x.shape
+    _, H, dh = p["Wq"].shape
+    if backend == "auto":
+        backend = choose_backend(g, H, dh, x.dtype, edge_bias is not None)[0]
+    if backend in LAYERS:
+        return LAYERS[backend].forward(x, g, p, backend, edge_bias)
+    q = (x @ p["Wq"].reshape(D, H * dh)).reshape(N, H, dh) + p["bq"]   # (N, H, dh)
+    k = (x @ p["Wk"].reshape(D, H * dh)).reshape(N, H, dh) + p["bk"]   # (N, H, dh)
+    v = (x @ p["Wv"].reshape(D, H * dh)).reshape(N, H, dh) + p["bv"]   # (N, H, dh)
+    o, attention = BACKENDS[backend].forward(q, k, v, edge_bias, g)     # (N, H, dh)
+    y = o.reshape(N, H * dh) @ p["Wo"].reshape(H * dh, D) + p["bo"]     # (N, D)
+    return y, Cache(backend, x, p, o, attention, edge_bias)
+
+
+def backward(dy, cache):
+    """dx (N, D) and grads, a dict with the keys of params (and "edge_bias" if forward had one).
+    The cache holds x and params by reference: change them in place only after backward."""
+    if not isinstance(cache, Cache):
+        raise TypeError(f"cache must be forward's second value, got {type(cache).__name__}")
+    backend, x, p, o, attention, edge_bias = cache
+    dy = _as_float_array("dy", dy, x.dtype, x.shape)
+    if backend in LAYERS:
+        return LAYERS[backend].backward(dy, cache)
+    N, D = x.shape
+    _, H, dh = p["Wq"].shape
+    # backward of y = o Wo + bo
+    grads = {"Wo": (o.reshape(N, H * dh).T @ dy).reshape(H, dh, D), "bo": dy.sum(0)}
+    do = (dy @ p["Wo"].reshape(H * dh, D).T).reshape(N, H, dh)          # (N, H, dh)
+    # backward of the attention between the projections
+    dq, dk, dv = np.empty_like(do), np.empty_like(do), np.empty_like(do)    # (N, H, dh) each
+    ds = BACKENDS[backend].backward(do, attention, dq, dk, dv)
+    if edge_bias is not None:
+        grads["edge_bias"] = ds                                         # s = ... + edge_bias
+    # backward of q, k, v = x W + b
+    dx = np.zeros_like(x)                                               # (N, D)
+    for c, d in zip("qkv", (dq, dk, dv)):
+        grads["W" + c] = (x.T @ d.reshape(N, H * dh)).reshape(D, H, dh)
+        grads["b" + c] = d.sum(0)
+        dx += d.reshape(N, H * dh) @ p["W" + c].reshape(D, H * dh).T
+    return dx, grads
+
+
+def attention_weights(cache):
+    """alpha (E, H) in the graph's input edge order, a new array: naive, textbook and sparse keep
+    it; for dense, which keeps no per-edge array, the sparse kernels recompute it."""
+    if not isinstance(cache, Cache):
+        raise TypeError(f"cache must be forward's second value, got {type(cache).__name__}")
+    if cache.backend in LAYERS:
+        return LAYERS[cache.backend].attention_weights(cache)
+    return cache.attention.alpha.copy()
+
+
 # ---------------------------------------------------------------- block
 # A Transformer layer is a GNN layer: attention aggregates each node's in-neighbours, then a
-# residual, LayerNorm and a position-wise FFN update every node on its own. No dropout.
-BlockCache = namedtuple("BlockCache", "backend attention ln1 ln2 ffn params norm_first")
+# residual, LayerNorm and a position-wise FFN update every node on its own. No dropout. Each part
+# is forward(...) -> (out, cache) and backward(dout, cache) -> (d_input, grads), as the layer is.
+BlockCache = namedtuple("BlockCache", "backend attention ln1 ln2 ffn norm_first")
 
 
-def layernorm_forward(z, w, b, eps):
+def layernorm_forward(z, p, name, eps):
+    """LN(z) = (z - mean(z)) / sqrt(var(z) + eps) w + b over each node's D features, with the
+    params w = p[name + "_w"] and b = p[name + "_b"] (D,)."""
     rstd = 1 / np.sqrt(z.var(1, keepdims=True) + eps)                   # (N, 1)
     zhat = (z - z.mean(1, keepdims=True)) * rstd                        # (N, D)
-    return zhat * w + b, (zhat, rstd, w)
+    return zhat * p[name + "_w"] + p[name + "_b"], (zhat, rstd, p[name + "_w"], name)
 
 
 def layernorm_backward(dout, cache):
-    zhat, rstd, w = cache
+    zhat, rstd, w, name = cache
     # backward of out = zhat w + b: dw = sum over nodes of dout zhat, db = sum of dout
-    dw, db = (dout * zhat).sum(0), dout.sum(0)                          # (D,) each
+    grads = {name + "_w": (dout * zhat).sum(0), name + "_b": dout.sum(0)}   # (D,) each
     dzhat = dout * w                                                    # (N, D)
-    # backward of zhat = (z - mean(z)) rstd, rstd = 1 / sqrt(var(z) + eps): z reaches zhat directly
-    # (rstd dzhat), through the mean (-rstd mean(dzhat)) and through rstd, d rstd / dz_k = -rstd^2
-    # zhat_k / D (-rstd zhat mean(dzhat zhat)); summed, the closed form of llm.c's layernorm
+    # backward of zhat = (z - mean(z)) rstd, rstd = (var(z) + eps)^-1/2. var = mean((z - mean)^2)
+    # has d var / dz_k = 2 (z_k - mean) / D (the mean's own term sums to 0), so d rstd / dz_k =
+    # -rstd^3 (z_k - mean) / D = -rstd^2 zhat_k / D. z reaches zhat directly (rstd dzhat), through
+    # the mean (-rstd mean(dzhat)) and through rstd (-rstd zhat mean(dzhat zhat)); summed, the
+    # closed form of llm.c's layernorm
     dz = rstd * (dzhat - dzhat.mean(1, keepdims=True)
                  - zhat * (dzhat * zhat).mean(1, keepdims=True))        # (N, D)
-    return dz, dw, db
+    return dz, grads
 
 
 def ffn_forward(z, p, activation):
+    """FFN(z) = act(z W1 + b1) W2 + b2, act relu or gelu(a) = a Phi(a), Phi the normal CDF."""
     a = z @ p["W1"] + p["b1"]                                           # (N, F)
     if activation == "relu":
         f = np.maximum(a, 0)                                            # (N, F)
     else:
         f = a * (1 + erf(a / math.sqrt(2))) / 2                        # (N, F) a Phi(a)
-    return f @ p["W2"] + p["b2"], (z, a, f, activation)
+    return f @ p["W2"] + p["b2"], (z, a, f, activation, p["W1"], p["W2"])
 
 
-def ffn_backward(dout, cache, p, grads):
-    z, a, f, activation = cache
+def ffn_backward(dout, cache):
+    z, a, f, activation, W1, W2 = cache
     # backward of out = f W2 + b2
-    grads["W2"], grads["b2"] = f.T @ dout, dout.sum(0)
-    df = dout @ p["W2"].T                                               # (N, F)
+    grads = {"W2": f.T @ dout, "b2": dout.sum(0)}
+    df = dout @ W2.T                                                    # (N, F)
     # backward of f = act(a): relu' = [a > 0]; gelu' = Phi(a) + a phi(a), phi the normal density
     if activation == "relu":
         da = df * (a > 0)
@@ -407,8 +533,9 @@ def ffn_backward(dout, cache, p, grads):
         phi = np.exp(-a * a / 2) / math.sqrt(2 * math.pi)             # (N, F)
         da = df * ((1 + erf(a / math.sqrt(2))) / 2 + a * phi)
     # backward of a = z W1 + b1
-    grads["W1"], grads["b1"] = z.T @ da, da.sum(0)
-    return da @ p["W1"].T
+    grads["W1"] = z.T @ da
+    grads["b1"] = da.sum(0)
+    return da @ W1.T, grads
 
 
 def block_forward(x, g, params, norm_first=True, activation="gelu", eps=1e-5, backend="auto",
@@ -419,56 +546,61 @@ def block_forward(x, g, params, norm_first=True, activation="gelu", eps=1e-5, ba
     LN(z) = (z - mean(z)) / sqrt(var(z) + eps) w + b over each node's D features, biased var
     FFN(z) = act(z W1 + b1) W2 + b2, act relu or gelu(a) = a Phi(a), Phi the normal CDF (exact)"""
     x, p, edge_bias = _check_inputs(x, g, params, backend, edge_bias, BLOCK_KEYS)
-    _check_block_options(activation, eps)
+    if activation not in ("relu", "gelu"):
+        raise ValueError(f"unknown activation {activation!r}; valid ones: relu, gelu")
+    if not isinstance(eps, (int, float, np.floating)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     if norm_first:
-        z1, ln1 = layernorm_forward(x, p["ln1_w"], p["ln1_b"], eps)     # (N, D)
+        z1, ln1 = layernorm_forward(x, p, "ln1", eps)                   # (N, D)
         attn, attention = forward(z1, g, p, backend, edge_bias)         # (N, D) Attn(LN1(x))
         h = x + attn                                                    # (N, D)
-        z2, ln2 = layernorm_forward(h, p["ln2_w"], p["ln2_b"], eps)
+        z2, ln2 = layernorm_forward(h, p, "ln2", eps)
         update, ffn = ffn_forward(z2, p, activation)                    # (N, D) FFN(LN2(h))
         y = h + update                                                  # (N, D)
     else:
         attn, attention = forward(x, g, p, backend, edge_bias)          # (N, D) Attn(x)
         r1 = x + attn                                                   # (N, D) LN1's input
-        h, ln1 = layernorm_forward(r1, p["ln1_w"], p["ln1_b"], eps)     # (N, D)
+        h, ln1 = layernorm_forward(r1, p, "ln1", eps)                   # (N, D)
         update, ffn = ffn_forward(h, p, activation)                     # (N, D) FFN(h)
         r2 = h + update                                                 # (N, D) LN2's input
-        y, ln2 = layernorm_forward(r2, p["ln2_w"], p["ln2_b"], eps)     # (N, D)
-    return y, BlockCache(attention.backend, attention, ln1, ln2, ffn, p, norm_first)
+        y, ln2 = layernorm_forward(r2, p, "ln2", eps)                   # (N, D)
+    return y, BlockCache(attention.backend, attention, ln1, ln2, ffn, norm_first)
 
 
 def block_backward(dy, cache):
     """dx (N, D) and grads, a dict with the keys of params (and "edge_bias" if forward had one)."""
     if not isinstance(cache, BlockCache):
         raise TypeError(f"cache must be block_forward's second value, got {type(cache).__name__}")
-    _, attention, ln1, ln2, ffn, p, norm_first = cache
+    _, attention, ln1, ln2, ffn, norm_first = cache
     dy = _as_float_array("dy", dy, attention.x.dtype, attention.x.shape)
-    grads = {}
     if norm_first:
-        # backward of y = h + FFN(LN2(h)); grad_h is dL/dh (N, D)
-        dz2 = ffn_backward(dy, ffn, p, grads)
-        grad_h, grads["ln2_w"], grads["ln2_b"] = layernorm_backward(dz2, ln2)
+        # backward of y = h + FFN(LN2(h)); grad_h is dL/dh (N, D), not dh, the head size
+        dz2, ffn_grads = ffn_backward(dy, ffn)
+        grad_h, ln2_grads = layernorm_backward(dz2, ln2)
         grad_h += dy
         # backward of h = x + Attn(LN1(x))
         dz1, attention_grads = backward(grad_h, attention)
-        dx, grads["ln1_w"], grads["ln1_b"] = layernorm_backward(dz1, ln1)
+        dx, ln1_grads = layernorm_backward(dz1, ln1)
         dx += grad_h
     else:
         # backward of y = LN2(r2), r2 = h + FFN(h); dr2 is dL/dr2 (N, D)
-        dr2, grads["ln2_w"], grads["ln2_b"] = layernorm_backward(dy, ln2)
-        grad_h = dr2 + ffn_backward(dr2, ffn, p, grads)
+        dr2, ln2_grads = layernorm_backward(dy, ln2)
+        d_update, ffn_grads = ffn_backward(dr2, ffn)
+        grad_h = dr2 + d_update
         # backward of h = LN1(r1), r1 = x + Attn(x)
-        dr1, grads["ln1_w"], grads["ln1_b"] = layernorm_backward(grad_h, ln1)
+        dr1, ln1_grads = layernorm_backward(grad_h, ln1)
         dx, attention_grads = backward(dr1, attention)
         dx += dr1
-    grads.update(attention_grads)
-    return dx, grads
+    return dx, {**attention_grads, **ln1_grads, **ffn_grads, **ln2_grads}
 
 
 # ---------------------------------------------------------------- encodings
 
 def sinusoidal_pe(n, d):
-    """(n, d) encodings of Vaswani et al. (2017): PE[p, 2i] = sin(p / 10000^(2i/d)), 2i+1: cos."""
+    """(n, d) float64 encodings of Vaswani et al. (2017): PE[p, 2i] = sin(p / 10000^(2i/d)), 2i+1:
+    cos. Cast them to x's dtype to add them to float32 features."""
+    n = _count("n", n)
+    d = _count("d", d)
     angle = np.arange(n)[:, None] / 10000 ** (np.arange(0, d, 2) / d)  # (n, ceil(d/2))
     pe = np.empty((n, d))
     pe[:, 0::2], pe[:, 1::2] = np.sin(angle), np.cos(angle[:, : d // 2])
@@ -495,10 +627,15 @@ def laplacian_pe(g, k, rng=None):
     _, U = np.linalg.eigh(np.eye(N) - d[:, None] * A * d[None, :])     # ascending eigenvalues
     U = U[:, 1:k + 1]                                                   # (N, min(k, N-1))
     if U.size:
-        U = U * np.sign(U[np.abs(U).argmax(0), np.arange(U.shape[1])])
+        big = np.abs(U) >= np.abs(U).max(0) - 1e-12   # (N, k) ties: equal but for round-off
+        U = U * np.sign(U[big.argmax(0), np.arange(U.shape[1])])       # the first of them
     if rng is not None:
         U = U * np.random.default_rng(rng).choice([-1.0, 1.0], U.shape[1])
     return np.pad(U, ((0, 0), (0, k - U.shape[1])))
+
+
+def _indptr(node_of_edge, N):           # (N+1,) CSR offsets: node n's edges, once sorted by node
+    return np.concatenate([[0], np.cumsum(np.bincount(node_of_edge, minlength=N))])
 
 
 def _components(g):
@@ -581,9 +718,10 @@ def shortest_path_lengths(g, pairs):
     pj, pi = pairs.edge_index                                           # (E_pairs,) each
     hops = np.full(pairs.num_edges, -1, np.int64)
     same = comp[pj] == comp[pi]                                         # across components: -1
-    sources = np.unique(pj[same])
+    sources = np.unique(pj[same])                                       # (S,) sorted
     width = size[comp[sources]]                                         # (S,) a source's row
     cap = max(pairs.num_edges, g.num_edges, 2**16)
+    # 64 bytes a slot: its distance and a step's frontier arrays (at, step, w, slot, new, unique)
     _check_memory(64 * (cap + int(width.max(initial=0))) + 24 * g.num_edges,
                   f"shortest_path_lengths: searches of {cap:,} (source, node) slots at a time")
     chunk = np.cumsum(width) // cap                                     # (S,) chunk of each source
@@ -609,75 +747,10 @@ def shortest_path_lengths(g, pairs):
     return hops
 
 
-# ---------------------------------------------------------------- API
-# Part 2 adds the engine's backends, dense and sparse, to BACKENDS; forward and backward hand them
-# to Part 2's _engine_forward and _engine_backward, which take these same steps faster.
-Backend = namedtuple("Backend", "forward backward")
-BACKENDS = {"naive": Backend(naive_forward, naive_backward),
-            "textbook": Backend(textbook_forward, textbook_backward)}
-Cache = namedtuple("Cache", "backend x params o attention edge_bias")
-
-
-def forward(x, g, params, backend="auto", edge_bias=None):
-    """y (N, D) and a cache for backward. edge_bias (E, H), in g's input edge order, is added to
-    the scores. backend="auto" takes choose_backend's pick of the engine's dense or sparse;
-    cache.backend records it. backend="naive" or "textbook" runs only the code of Part 1."""
-    x, p, edge_bias = _check_inputs(x, g, params, backend, edge_bias, PARAM_KEYS)
-    N, D = x.shape
-    _, H, dh = p["Wq"].shape
-    if backend == "auto":
-        backend = choose_backend(g, H, dh, x.dtype, edge_bias is not None)[0]
-    if backend in ENGINE:
-        return _engine_forward(x, g, p, backend, edge_bias)
-    q = (x @ p["Wq"].reshape(D, H * dh)).reshape(N, H, dh) + p["bq"]   # (N, H, dh)
-    k = (x @ p["Wk"].reshape(D, H * dh)).reshape(N, H, dh) + p["bk"]   # (N, H, dh)
-    v = (x @ p["Wv"].reshape(D, H * dh)).reshape(N, H, dh) + p["bv"]   # (N, H, dh)
-    o, attention = BACKENDS[backend].forward(q, k, v, edge_bias, g)     # (N, H, dh)
-    y = o.reshape(N, H * dh) @ p["Wo"].reshape(H * dh, D) + p["bo"]     # (N, D)
-    return y, Cache(backend, x, p, o, attention, edge_bias)
-
-
-def backward(dy, cache):
-    """dx (N, D) and grads, a dict with the keys of params (and "edge_bias" if forward had one).
-    The cache holds x and params by reference: change them in place only after backward."""
-    if not isinstance(cache, Cache):
-        raise TypeError(f"cache must be forward's second value, got {type(cache).__name__}")
-    backend, x, p, o, attention, edge_bias = cache
-    dy = _as_float_array("dy", dy, x.dtype, x.shape)
-    if backend in ENGINE:
-        return _engine_backward(dy, cache)
-    N, D = x.shape
-    _, H, dh = p["Wq"].shape
-    # backward of y = o Wo + bo
-    grads = {"Wo": (o.reshape(N, H * dh).T @ dy).reshape(H, dh, D), "bo": dy.sum(0)}
-    do = (dy @ p["Wo"].reshape(H * dh, D).T).reshape(N, H, dh)          # (N, H, dh)
-    # backward of the attention between the projections
-    dq, dk, dv = np.empty_like(do), np.empty_like(do), np.empty_like(do)    # (N, H, dh) each
-    ds = BACKENDS[backend].backward(do, attention, dq, dk, dv)
-    if edge_bias is not None:
-        grads["edge_bias"] = ds                                         # s = ... + edge_bias
-    # backward of q, k, v = x W + b
-    dx = np.zeros_like(x)                                               # (N, D)
-    for c, d in zip("qkv", (dq, dk, dv)):
-        grads["W" + c] = (x.T @ d.reshape(N, H * dh)).reshape(D, H, dh)
-        grads["b" + c] = d.sum(0)
-        dx += d.reshape(N, H * dh) @ p["W" + c].reshape(D, H * dh).T
-    return dx, grads
-
-
-def attention_weights(cache):
-    """alpha (E, H) in the graph's input edge order, a new array: naive, textbook and sparse keep
-    it; for dense, which keeps no per-edge array, the sparse kernels recompute it."""
-    if not isinstance(cache, Cache):
-        raise TypeError(f"cache must be forward's second value, got {type(cache).__name__}")
-    if cache.backend in ENGINE:
-        return _engine_attention_weights(cache)
-    return cache.attention.alpha.copy()
-
-
 # ========================================================================= Part 2: the engine
-# The same math, fast: dense by blocks, the sparse Numba kernels, choose_backend, validation, the
-# torch maps and the plumbing (threads, BLAS hold, buffers, MXCSR, prefetch, memory guards).
+# The same math, fast: the CSR the engine reads, dense by blocks, the sparse Numba kernels, its
+# choose_backend, the torch maps and the plumbing (threads, BLAS hold, buffers, MXCSR, prefetch).
+# Inputs are checked by Part 1's API, and memory by Part 1's guard, _check_memory.
 import contextlib
 import os
 import platform
@@ -685,11 +758,60 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba as nb
-import psutil
 from llvmlite import ir
 from numba.core import cgutils
 from numba.extending import intrinsic
 from threadpoolctl import ThreadpoolController
+
+
+# ---------------------------------------------------------------- the engine's graph
+# What the engine reads of a graph, derived on first use and kept on it (in g._engine): the CSR
+# by target, where the in-edges of each node lie together, sources ascending; then the sparse
+# index, dense's blocks and the threads' node ranges below. Part 1's Graph holds the math's.
+CSR = namedtuple("CSR", "indptr src perm")
+
+
+def _derived(g, key, build):            # build(), once per graph and key
+    store = g.__dict__.setdefault("_engine", {})
+    if key not in store:
+        store[key] = build()
+    return store[key]
+
+
+def _csr(g):
+    """CSR(indptr (N+1,), src (E,), perm (E,)): the in-edges of i at indptr[i]:indptr[i+1], their
+    sources src and their input ids perm. A structured graph lists its edges so: perm None."""
+    def build():
+        src, dst = g.edge_index
+        if g.ranges is not None:
+            return CSR(_csr_indptr(g), src, None)
+        order = np.argsort(dst * g.num_nodes + src, kind="stable")    # (E,) by (target, source)
+        return CSR(_indptr(dst, g.num_nodes), src[order], order)
+    return _derived(g, "csr", build)
+
+
+def _csr_indptr(g):
+    """_csr(g).indptr; a structured graph's from its ranges, in O(N), with no edge list."""
+    if g.ranges is None:
+        return _csr(g).indptr
+
+    def build():
+        return np.concatenate([[0], np.cumsum(_range_counts(*g.ranges, g.self_loops))])
+    return _derived(g, "indptr", build)
+
+
+def _to_csr(a, g):                      # (E, ...) from input edge order to CSR order
+    if a is None or g.ranges is not None:
+        return a
+    return a[_csr(g).perm]
+
+
+def _input_order(a, g):                 # (E, ...) from CSR order to input edge order, a new array
+    if g.ranges is not None:            # structured: the same order
+        return a.copy()
+    out = np.empty_like(a)
+    out[_csr(g).perm] = a
+    return out
 
 
 # ---------------------------------------------------------------- dense
@@ -738,13 +860,14 @@ def dense_blocks(g, block_rows=None):
                 yield _general_block(g, r0, r1)
             else:
                 yield _structured_block(g, r0, r1)
-    return g.derived(("dense", R), lambda: list(plan()))
+    return _derived(g, ("dense", R), lambda: list(plan()))
 
 
 def _general_block(g, r0, r1):          # columns: the sources of the rows' edges
-    cols = np.unique(g.src[g.indptr[r0]:g.indptr[r1]])
+    indptr, src, _ = _csr(g)
+    cols = np.unique(src[indptr[r0]:indptr[r1]])
     C = cols.size
-    ragged = None if g.indptr[r1] - g.indptr[r0] == (r1 - r0) * C else slice(0, C)
+    ragged = None if indptr[r1] - indptr[r0] == (r1 - r0) * C else slice(0, C)
     if C and cols[-1] - cols[0] + 1 == C:                       # contiguous: a view, not a gather
         cols = slice(cols[0], cols[-1] + 1)
     return Block(slice(r0, r1), cols, ragged, r1 - r0, C)
@@ -769,7 +892,8 @@ def _masked(g, block_rows):
             return b
         edge = _edge_mask(g, b, np.r_[b.cols][b.ragged])                # (R, ragged)
         return b._replace(mask=np.where(edge, 0, -np.inf).astype(np.float32))
-    return g.derived(("masks", block_rows), lambda: [build(b) for b in dense_blocks(g, block_rows)])
+    blocks = dense_blocks(g, block_rows)
+    return _derived(g, ("masks", block_rows), lambda: [build(b) for b in blocks])
 
 
 def dense_bytes(g, n_heads, d_head, dtype, edge_bias=False, block_rows=None, d_model=None):
@@ -799,8 +923,9 @@ def _edge_mask(g, b, cols):
     """(R, C) bool: True where row r of block b and source cols[c] are an edge."""
     if g.ranges is None:
         mask = np.zeros((b.R, cols.size), bool)
-        counts = np.diff(g.indptr[b.rows.start:b.rows.stop + 1])        # (R,) in-edges
-        src = g.src[g.indptr[b.rows.start]:g.indptr[b.rows.stop]]
+        indptr, src, _ = _csr(g)
+        counts = np.diff(indptr[b.rows.start:b.rows.stop + 1])          # (R,) in-edges
+        src = src[indptr[b.rows.start]:indptr[b.rows.stop]]
         mask[np.repeat(np.arange(b.R), counts), np.searchsorted(cols, src)] = True
         return mask
     mask = (cols >= g.ranges[0][b.rows, None]) & (cols < g.ranges[1][b.rows, None])
@@ -811,7 +936,8 @@ def _edge_mask(g, b, cols):
 
 def _block_edges(g, b):
     """The CSR range of block b's edges, and their (row, column) positions in the block."""
-    edges = slice(g.indptr[b.rows.start], g.indptr[b.rows.stop])
+    indptr = _csr_indptr(g)
+    edges = slice(indptr[b.rows.start], indptr[b.rows.stop])
     rows, cols = np.nonzero(_edge_mask(g, b, np.r_[b.cols]))
     return edges, rows, cols
 
@@ -1065,9 +1191,11 @@ def sparse_bytes(g, n_heads, d_head, dtype, edge_bias=False, d_model=None):
 def _sparse_index(g):
     """The CSR by source: out-edges of j as positions in the target CSR, built once per graph."""
     def build():
-        t_pos = np.argsort(g.src, kind="stable")                        # (E,)
-        return SparseIndex(_indptr(g.src, g.num_nodes), t_pos, _targets(g)[t_pos])
-    return g.derived("sparse", build)
+        indptr, src, _ = _csr(g)
+        t_pos = np.argsort(src, kind="stable")                          # (E,)
+        dst = np.repeat(np.arange(g.num_nodes), np.diff(indptr))        # (E,) targets, CSR order
+        return SparseIndex(_indptr(src, g.num_nodes), t_pos, dst[t_pos])
+    return _derived(g, "sparse", build)
 
 
 @nb.njit(nogil=True, cache=True, fastmath=_REASSOC, error_model="numpy")
@@ -1115,10 +1243,11 @@ def sparse_forward(q, k, v, bias, g):
     _check_memory(sparse_bytes(g, q.shape[1], q.shape[2], q.dtype, bias is not None),
                   f"sparse backend ({g.num_edges:,} edges)")
     qkv, bias = _packed(q, k, v), _to_csr(bias, g)                     # (N, 3, H, dh)
+    csr = _csr(g)
     o, alpha = np.empty_like(q), np.empty((g.num_edges, q.shape[1]), q.dtype)   # (N, H, dh), (E, H)
 
     def targets(nodes):
-        _sparse_forward_kernel(qkv, bias, g.indptr, g.src, *nodes, o, alpha)
+        _sparse_forward_kernel(qkv, bias, csr.indptr, csr.src, *nodes, o, alpha)
     _map_threads(targets, _node_ranges(g))
     return o, SparseCache(qkv, o, alpha, g, bias is not None)  # alpha (E, H) kept for the backward
 
@@ -1172,11 +1301,12 @@ def _sparse_backward_sources(do, qkv, alpha, ds, dqkv, t_indptr, t_pos, t_dst, j
 def sparse_backward(do, cache, dq, dk, dv):
     qkv, o, alpha, g, has_bias = cache
     idx, dqkv = _sparse_index(g), _packed(dq, dk, dv)                  # (N, 3, H, dh)
+    csr = _csr(g)
     ds = (np.empty_like(alpha) if has_bias    # (E, H): returned with a bias, else kept scratch
           else _buffer("sparse ds", alpha.size, alpha.dtype).reshape(alpha.shape))
 
     def targets(nodes):
-        _sparse_backward_targets(do, qkv, o, alpha, dqkv, ds, g.indptr, g.src, *nodes)
+        _sparse_backward_targets(do, qkv, o, alpha, dqkv, ds, csr.indptr, csr.src, *nodes)
 
     def sources(nodes):                             # over the transposed CSR, once ds is whole
         _sparse_backward_sources(do, qkv, alpha, ds, dqkv, *idx, *nodes)
@@ -1189,7 +1319,6 @@ def sparse_backward(do, cache, dq, dk, dv):
 
 # ---------------------------------------------------------------- choose_backend
 # The engine's backends, the ones auto chooses between; textbook and naive are for reading.
-ENGINE = ("dense", "sparse")
 BACKENDS.update(dense=Backend(dense_forward, dense_backward),
                 sparse=Backend(sparse_forward, sparse_backward))
 
@@ -1204,7 +1333,8 @@ COST = dict(dense_call=1.0e-3, dense_tile=2.2e-4, dense_pair=2.9e-9, dense_mac=4
 def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
     """("dense" or "sparse", {backend: estimated seconds of the attention, forward and backward}):
     dense pays for every (row, column) pair of its blocks, sparse for every edge, more per unit.
-    A backend whose memory does not fit gets inf: auto never picks one that would MemoryError."""
+    A backend whose memory does not fit gets inf: auto never picks one that would MemoryError.
+    This replaces Part 1's choose_backend, of the plain backends, as auto's pick."""
     H, dh, c = n_heads, d_head, COST
     scale = np.dtype(dtype).itemsize / 4                # float64 costs about twice float32
     blocks = dense_blocks(g)
@@ -1218,64 +1348,6 @@ def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
                        ("sparse", sparse_bytes(g, H, dh, dtype, edge_bias))):
         cost[name] = math.inf if need > available_bytes() else cost[name]
     return min(cost, key=cost.get), cost
-
-
-# ---------------------------------------------------------------- validation
-
-def _check_inputs(x, g, params, backend, edge_bias, keys):
-    """x, params (the given keys) and edge_bias, checked against g and each other."""
-    if not isinstance(g, Graph):
-        raise TypeError(f"g must be a Graph, got {type(g).__name__}")
-    if backend not in (*BACKENDS, "auto"):
-        raise ValueError(f"unknown backend {backend!r}; valid ones: {', '.join(BACKENDS)}, auto")
-    x = _as_float_array("x", x)
-    if x.ndim != 2 or x.shape[0] != g.num_nodes:
-        raise ValueError(f"x must have shape (num_nodes={g.num_nodes}, D), got {x.shape}")
-    p = _check_params(params, x.shape[1], x.dtype, keys)
-    if edge_bias is not None:
-        shape = (g.num_edges, p["Wq"].shape[1])                        # (E, H)
-        edge_bias = _as_float_array("edge_bias", edge_bias, x.dtype, shape)
-    return x, p, edge_bias
-
-
-def _as_float_array(name, a, dtype=None, shape=None):
-    a = np.asarray(a)
-    if a.dtype not in FLOATS:
-        raise ValueError(f"{name} must be float32 or float64, got dtype {a.dtype}")
-    if dtype is not None and a.dtype != dtype:
-        fix = (f"init_params(..., dtype=np.{dtype})" if name.startswith("params")
-               else f"{name}.astype(np.{dtype})")
-        raise ValueError(f"{name} has dtype {a.dtype} but x has {dtype}: all arrays must share "
-                         f"one float dtype; use {fix}")
-    if shape is not None and a.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-    return a
-
-
-def _check_params(params, D, dtype, keys):
-    if not isinstance(params, dict):
-        raise TypeError(f"params must be a dict, got {type(params).__name__}")
-    missing = [key for key in keys if key not in params]
-    if missing:
-        raise ValueError(f"params is missing {missing}")
-    Wq = np.asarray(params["Wq"])
-    if Wq.ndim != 3 or Wq.shape[0] != D:
-        raise ValueError(f"x has D={D} features but params['Wq'] has shape {Wq.shape}: "
-                         f"Wq must be (D, H, dh)")
-    _, H, dh = Wq.shape
-    F = np.size(params["W1"]) // max(D, 1) if "W1" in keys else 0   # a block's FFN width
-    shapes = dict(Wq=(D, H, dh), Wk=(D, H, dh), Wv=(D, H, dh), bq=(H, dh), bk=(H, dh),
-                  bv=(H, dh), Wo=(H, dh, D), bo=(D,), ln1_w=(D,), ln1_b=(D,), ln2_w=(D,),
-                  ln2_b=(D,), W1=(D, F), b1=(F,), W2=(F, D), b2=(D,))
-    return {key: _as_float_array(f"params['{key}']", params[key], dtype, shapes[key])
-            for key in keys}
-
-
-def _check_block_options(activation, eps):
-    if activation not in ("relu", "gelu"):
-        raise ValueError(f"unknown activation {activation!r}; valid ones: relu, gelu")
-    if not isinstance(eps, (int, float, np.floating)) or not 0 < eps < math.inf:
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
 
 
 # ---------------------------------------------------------------- torch maps
@@ -1321,7 +1393,7 @@ def block_from_torch(state_dict, n_heads):
 
 # ---------------------------------------------------------------- plumbing
 # What serves speed or safety but teaches nothing about attention: the layer on gtx's threads,
-# memory guards, prefetch, MXCSR, the BLAS hold, threads, buffers and split matmuls.
+# prefetch, MXCSR, the BLAS hold, threads, buffers and split matmuls.
 
 def _engine_forward(x, g, p, backend, edge_bias):
     """forward for dense and sparse, otherwise identical, except (time without each / with, EPYC):
@@ -1371,6 +1443,12 @@ def _engine_attention_weights(cache):
     return _input_order(alpha, g)
 
 
+# forward, backward and attention_weights hand dense and sparse to these (Part 1's LAYERS)
+Layer = namedtuple("Layer", "forward backward attention_weights")
+LAYERS.update(dense=Layer(_engine_forward, _engine_backward, _engine_attention_weights),
+              sparse=Layer(_engine_forward, _engine_backward, _engine_attention_weights))
+
+
 def _w_qkv(p):                          # [Wq Wk Wv] as one (D, 3 H dh) matrix
     D, H, dh = p["Wq"].shape
     return np.stack([p["Wq"], p["Wk"], p["Wv"]], 1).reshape(D, 3 * H * dh)
@@ -1405,27 +1483,16 @@ def _layer_bytes(N, n_heads, d_head, d_model, dtype):
     return (8 * N * H * dh + 2 * N * D + 4 * D * H * dh) * np.dtype(dtype).itemsize
 
 
-def available_bytes():               # what the OS can hand out now, on any OS
-    return psutil.virtual_memory().available
-
-
-def _check_memory(need, what, hint=""):
-    """A MemoryError that says how much what needs, rather than numpy's raw one part way through."""
-    if need > (have := available_bytes()):
-        raise MemoryError(f"{what} needs about {need / 2**30:.1f} GiB, but {have / 2**30:.1f} "
-                          f"GiB is available{hint}")
-
-
 def _node_ranges(g, by_source=False):
     """(start, stop) ranges of targets (or sources) of about equal work (edges + nodes), one per
     thread, built once per graph and thread count: hubs spread, none is split."""
     def build():
-        indptr = _sparse_index(g).t_indptr if by_source else g.indptr
+        indptr = _sparse_index(g).t_indptr if by_source else _csr_indptr(g)
         work = indptr + np.arange(indptr.size)                          # (N+1,) increasing
         n = nb.get_num_threads()
         cuts = np.searchsorted(work, np.linspace(0, work[-1], n + 1)).tolist()
         return list(zip(cuts[:-1], cuts[1:]))
-    return g.derived(("ranges", by_source, nb.get_num_threads()), build)
+    return _derived(g, ("ranges", by_source, nb.get_num_threads()), build)
 
 
 _AHEAD = 8              # edges prefetched ahead: sparse 1.68x, powerlaw 1.25x faster than none

@@ -598,7 +598,7 @@ def test_structured_graph_equals_its_edge_list(graph, bias):
     assert g.ranges is not None, "a structured graph keeps no edge list until asked"
     explicit = gtx.Graph(g.edge_index, g.num_nodes)                # edge_index is built here, on first use
     assert explicit.num_edges == g.num_edges
-    assert np.array_equal(explicit.perm, np.arange(g.num_edges)), "structured edges come in CSR order"
+    assert np.array_equal(gtx._csr(explicit).perm, np.arange(g.num_edges)), "structured edges come in CSR order"
     x, p, dy, eb = make_inputs(g, seed=20, bias=bias)
     for backend in BACKENDS:
         a, b = run(backend, g, x, p, dy, eb), run(backend, explicit, x, p, dy, eb)
@@ -948,6 +948,112 @@ def test_plain_backends_run_no_engine(monkeypatch):
     with pytest.raises(AssertionError, match="the engine ran"):
         run("dense", g, x, p, dy, eb)
 
+
+
+# Part 1 alone, in a process where Numba, llvmlite and threadpoolctl cannot be imported: each call
+# writes its outputs (or its error's type) under a name; the test makes the same calls on gtx.
+PART1_CALLS = """
+import numpy as np
+def calls(gtx):
+    out = {}
+    def record(name, f, *args, **kwargs):
+        try:
+            result = f(*args, **kwargs)
+        except Exception as e:                      # the type is what must match
+            out[name + " raises"] = type(e).__name__
+            return None
+        if isinstance(result, dict):
+            out.update({f"{name} {k}": v for k, v in result.items()})
+        elif isinstance(result, tuple):
+            for n, r in enumerate(result):
+                if isinstance(r, np.ndarray):
+                    out[f"{name} {n}"] = r
+                elif isinstance(r, dict):
+                    out.update({f"{name} {n} {k}": v for k, v in r.items()})
+        else:
+            out[name] = np.asarray(result)
+        return result
+    graphs = {"edges": gtx.Graph(np.array([[0, 1, 2, 1, 3], [1, 2, 0, 1, 1]]), 5),
+              "complete": gtx.complete_graph(6), "complete_no_self": gtx.complete_graph(4, False),
+              "causal": gtx.causal_graph(7, window=3), "random": gtx.random_graph(9, 3, rng=1)}
+    graphs["batch"] = gtx.batch_graphs([graphs["edges"], graphs["causal"], gtx.complete_graph(1)])
+    for name, g in graphs.items():
+        out[f"graph {name} edge_index"] = g.edge_index
+        out[f"graph {name} ptr"] = g.ptr
+    rng = np.random.default_rng(0)
+    g = graphs["batch"]
+    p = record("init_params", gtx.init_params, 8, 2, 3, rng=1)
+    pb = record("init_block", gtx.init_block, 8, 2, d_ff=12, rng=2)
+    x = rng.standard_normal((g.num_nodes, 8))
+    dy = rng.standard_normal((g.num_nodes, 8))
+    eb = rng.standard_normal((g.num_edges, 2))
+    for backend in ("naive", "textbook"):
+        y, cache = record("forward " + backend, gtx.forward, x, g, p, backend, eb)
+        record("backward " + backend, gtx.backward, dy, cache)
+        record("attention_weights " + backend, gtx.attention_weights, cache)
+        for norm_first in (True, False):
+            kw = dict(norm_first=norm_first, backend=backend, edge_bias=eb)
+            y, cache = record(f"block_forward {backend} {norm_first}", gtx.block_forward, x, g, pb, **kw)
+            record(f"block_backward {backend} {norm_first}", gtx.block_backward, dy, cache)
+    record("sinusoidal_pe", gtx.sinusoidal_pe, 7, 5)
+    record("laplacian_pe", gtx.laplacian_pe, g, 3)
+    record("random_walk_pe", gtx.random_walk_pe, g, 4)
+    record("shortest_path_lengths", gtx.shortest_path_lengths, g, gtx.complete_graph(g.num_nodes))
+    bad = {"Graph float": (gtx.Graph, np.zeros((2, 1)), 2), "Graph node": (gtx.Graph, [[0], [2]], 2),
+           "Graph duplicate": (gtx.Graph, [[0, 0], [1, 1]], 2), "Graph shape": (gtx.Graph, [0, 1], 2),
+           "complete_graph": (gtx.complete_graph, 2.0), "causal_graph": (gtx.causal_graph, 3, 0),
+           "random_graph": (gtx.random_graph, 3, 9), "init_params": (gtx.init_params, 0, 2),
+           "forward backend": (gtx.forward, x, g, p, "fast"), "forward x": (gtx.forward, x[1:], g, p),
+           "forward dtype": (gtx.forward, x.astype(np.float32), g, p, "naive"),
+           "forward bias": (gtx.forward, x, g, p, "naive", eb[1:]),
+           "forward params": (gtx.forward, x, g, {"Wq": p["Wq"]}, "naive"),
+           "backward dy": (gtx.backward, dy[1:], cache.attention),
+           "block eps": (gtx.block_forward, x, g, pb, True, "gelu", 0.0, "naive"),
+           "block activation": (gtx.block_forward, x, g, pb, True, "tanh", 1e-5, "naive"),
+           "laplacian_pe": (gtx.laplacian_pe, g, -1), "random_walk_pe": (gtx.random_walk_pe, x, 2)}
+    for name, (f, *args) in bad.items():
+        if record("bad " + name, f, *args) is not None or "bad " + name + " raises" not in out:
+            out["bad " + name + " raises"] = "nothing"
+    return out
+"""
+PART1_CHILD = PART1_CALLS + """
+import sys
+for name in ("numba", "llvmlite", "threadpoolctl"):
+    sys.modules[name] = None                        # import raises ImportError
+sys.path.insert(0, sys.argv[1])
+import gtx_part1
+out = calls(gtx_part1)
+out["auto backend"] = np.array(gtx_part1.forward(np.ones((3, 4)), gtx_part1.complete_graph(3),
+                               gtx_part1.init_params(4, 2, rng=0))[1].backend)
+np.savez(sys.argv[2], **{k: np.asarray(v) for k, v in out.items()})
+"""
+
+
+def test_part1_runs_alone(tmp_path):
+    """gtx.py cut at Part 2's banner imports and runs without Numba (llvmlite, threadpoolctl): the
+    graphs, parameters, naive and textbook through the API, the block and the encodings give gtx's
+    numbers, bit for bit, and the same error types; auto takes textbook there."""
+    lines = open(os.path.join(HERE, "gtx.py")).read().splitlines(keepends=True)
+    banner = next(n for n, line in enumerate(lines) if re.match(r"# =+ Part 2: the engine", line))
+    (tmp_path / "gtx_part1.py").write_text("".join(lines[:banner]))
+    child = subprocess.run([sys.executable, "-c", PART1_CHILD, str(tmp_path), str(tmp_path / "out.npz")],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, f"Part 1 alone failed:\n{child.stderr[-3000:]}"
+    alone = dict(np.load(tmp_path / "out.npz"))
+    assert str(alone.pop("auto backend")) == "textbook"
+    namespace = {}
+    exec(PART1_CALLS, namespace)
+    full = namespace["calls"](gtx)
+    assert sorted(alone) == sorted(full), f"calls differ: {set(alone) ^ set(full)}"
+    for name, want in full.items():
+        got = alone[name]
+        if name.endswith(" raises"):
+            assert str(got) == want, f"{name}: Part 1 alone raises {got}, gtx {want}"
+            assert want != "nothing", f"{name}: bad input raised nothing"
+        else:
+            assert got.shape == np.shape(want) and np.array_equal(got, want, equal_nan=True), (
+                f"{name}: Part 1 alone differs from gtx by {np.abs(got - want).max()}")
+    assert sum(name.endswith(" raises") for name in full) == 18
 
 MEMORY_CHECK = """
 import json, sys, tracemalloc
