@@ -827,8 +827,11 @@ def _input_order(a, g):                 # (E, ...) from CSR order to input edge 
 # - columns ride in the matmuls, so that the passes over a block add and sum less (_heads_first):
 #   v's ones give pass 3's l in pass 4's P V; in the backward, q's last column holds -lse and do's
 #   -delta, so the matmuls give s - lse and dP - delta: long 1.12x, powerlaw 1.10x (EPYC);
-# - blocks run in lanes, a contiguous run of blocks per thread, each lane adding into its own dk
-#   and dv (no two threads write a row): powerlaw 1.60x, transformer 1.29x, window 1.25x (EPYC);
+# - one plan per graph and shape (_plan) splits the work over the threads in units of a group of
+#   heads and blocks, largest first to the least loaded thread; a backward unit holds every block
+#   whose columns it writes, so it alone adds into those dk and dv rows: no thread keeps a copy of
+#   them, and the bits are the same for any thread count. 2 threads against 1: transformer 1.8x,
+#   long 2.0x (AMD EPYC, Zen 3, a shared machine: +-20% between processes);
 # - scratch arrays are per-thread buffers, kept from call to call (_buffer): window 1.30x (EPYC);
 # - for correctness, a block with a non-finite input is cut into rows (_split): inf and NaN reach
 #   only what they reach in naive, where textbook's 0 * NaN at a non-edge spreads them.
@@ -838,8 +841,14 @@ _LAZY = 16          # a row's shift moves only when its max passes it by more: s
 
 
 # A block: rows, a slice of R targets; cols, their C sources, a slice or a sorted array; ragged, a
-# slice of cols where some pair is not an edge, or None; mask (R, ragged), 0 at edges, else -inf.
-Block = namedtuple("Block", "rows cols ragged R C mask", defaults=[None])
+# slice of cols where some pair is not an edge, or None; tiles, its key tiles, once prepared.
+# A tile: cols, C and ragged as a block's; mask (R, ragged), 0 at edges, else -inf; with a bias,
+# edges, (e, r, c): its edges' CSR positions and their (row, column) in the tile.
+Block = namedtuple("Block", "rows cols ragged R C tiles", defaults=[None])
+Tile = namedtuple("Tile", "cols ragged C mask edges")
+# The plan: the blocks; forward and backward, per thread its units of work, (heads, block numbers);
+# scratch, the elements of each per-thread buffer, for the largest tile any unit meets.
+Plan = namedtuple("Plan", "blocks forward backward scratch")
 
 
 def dense_blocks(g, block_rows=None):
@@ -847,7 +856,7 @@ def dense_blocks(g, block_rows=None):
     256 where targets average 256 in-edges or more, else 128 (smaller wastes less on windows)."""
     R = block_rows or (256 if g.num_edges >= 256 * g.num_nodes else 128)
 
-    def plan():
+    def build():
         cuts = [0]
         for a, b in zip(g.ptr[:-1], g.ptr[1:]):     # graph [a, b) of a batch
             if b - cuts[-1] > R and a > cuts[-1]:
@@ -860,7 +869,7 @@ def dense_blocks(g, block_rows=None):
                 yield _general_block(g, r0, r1)
             else:
                 yield _structured_block(g, r0, r1)
-    return _derived(g, ("dense", R), lambda: list(plan()))
+    return _derived(g, ("dense", R), lambda: list(build()))
 
 
 def _general_block(g, r0, r1):          # columns: the sources of the rows' edges
@@ -885,38 +894,142 @@ def _structured_block(g, r0, r1):       # columns: the union of the rows' ranges
     return Block(slice(r0, r1), slice(c0, c1), ragged, r1 - r0, c1 - c0)
 
 
-def _masked(g, block_rows):
-    """dense_blocks with their masks, built on the first dense call (choose_backend needs none)."""
-    def build(b):
-        if b.ragged is None:
-            return b
-        edge = _edge_mask(g, b, np.r_[b.cols][b.ragged])                # (R, ragged)
-        return b._replace(mask=np.where(edge, 0, -np.inf).astype(np.float32))
-    blocks = dense_blocks(g, block_rows)
-    return _derived(g, ("masks", block_rows), lambda: [build(b) for b in blocks])
+def _tile_cuts(C):
+    """[(t0, t1)]: C columns in C // _TILE key tiles of equal width, _TILE to 2 _TILE columns: a
+    tile's scores stay in the cache while passes 1-4 run on them. Narrower than 2 _TILE, one tile:
+    two would save less than the online softmax's bookkeeping costs (small 13% slower)."""
+    count = max(1, C // _TILE)
+    width = max(1, math.ceil(C / count))
+    return [(t0, min(t0 + width, C)) for t0 in range(0, max(C, 1), width)]   # C = 0: one, empty
+
+
+def _plan(g, n_heads, d_head, block_rows=None):
+    """The plan of dense on g, made once per graph, H, dh, block rows, tile width and thread count,
+    from dense_blocks alone: cheap, and choose_backend and dense_bytes read it too."""
+    threads = nb.get_num_threads()
+
+    def build():
+        return _make_plan(dense_blocks(g, block_rows), n_heads, d_head, threads)
+    return _derived(g, ("plan", n_heads, d_head, block_rows, _TILE, threads), build)
+
+
+def _make_plan(blocks, H, dh, threads):
+    """Units of work: a group of heads and one block (forward), or the blocks that share columns
+    (backward, so that one unit writes their dk, dv rows). Heads are cut into the fewest groups
+    that give every thread 2 units, if H allows; each unit, largest first, goes to the thread
+    with the least work so far (LPT), its work its blocks' pairs times its heads."""
+    forward = _split_work([[n] for n in range(len(blocks))], blocks, H, threads)
+    backward = _split_work(_sharing_columns(blocks), blocks, H, threads)
+    R = max([b.R for b in blocks], default=0)
+    tile_cells, tile_cols = 0, 0
+    for b in blocks:
+        for t0, t1 in _tile_cuts(b.C):
+            tile_cells = max(tile_cells, b.R * (t1 - t0))
+            tile_cols = max(tile_cols, t1 - t0)
+    fh, bh = (max([h.stop - h.start for run in runs for h, _ in run], default=0)
+              for runs in (forward, backward))                          # the most heads in a unit
+    scratch = dict(s=max(fh, bh) * tile_cells, bias=max(fh, bh) * tile_cells,
+                   pv=fh * R * (dh + 1), pv_tile=fh * R * (dh + 1),     # the forward's
+                   dp=bh * tile_cells, t=bh * tile_cols * dh, dq_tile=bh * R * dh)   # the backward's
+    return Plan(blocks, forward, backward, scratch)
+
+
+def _split_work(groups, blocks, H, threads):
+    """Per thread, its units (heads, block numbers): each group of blocks with each head group."""
+    k = 1
+    while k < H and k * len(groups) < 2 * threads:
+        k += 1
+    heads = [slice(a * H // k, (a + 1) * H // k) for a in range(k)]
+    units = [(h, group) for group in groups for h in heads]
+    work = [(h.stop - h.start) * sum(blocks[n].R * blocks[n].C for n in group) for h, group in units]
+    runs, load = [[] for _ in range(threads)], [0] * threads
+    for u in np.argsort(work, kind="stable")[::-1]:
+        t = int(np.argmin(load))
+        runs[t].append(units[u])
+        load[t] += work[u]
+    return runs
+
+
+def _sharing_columns(blocks):
+    """Lists of block numbers, each list's columns apart from every other list's: blocks whose
+    column spans overlap go in one list, in block order (the order a unit adds them in); a block
+    without columns alone (it writes only its rows' dq, zeros)."""
+    spans, groups = [], []
+    for n, b in enumerate(blocks):
+        if b.C == 0:
+            groups.append([n])
+        elif isinstance(b.cols, slice):
+            spans.append((b.cols.start, b.cols.stop - 1, n))
+        else:
+            spans.append((b.cols[0], b.cols[-1], n))
+    end = -1
+    for first, last, n in sorted(spans):
+        if first > end:
+            groups.append([])
+        groups[-1].append(n)
+        end = max(end, last)
+    return [sorted(group) for group in groups]
+
+
+def _prepared(g, block_rows, bias):
+    """dense_blocks with their tiles, each with its share of the block's mask and, with a bias,
+    where its edges' entries go: built on the first dense call (choose_backend needs none)."""
+    def build():
+        return [_tiled(g, b, bias) for b in dense_blocks(g, block_rows)]
+    return _derived(g, ("prepared", block_rows, _TILE, bias), build)
+
+
+def _tiled(g, b, bias):
+    """Block b with its key tiles (_tile_cuts). A bias entry is matched to its pair by position:
+    the CSR lists a row's edges by source, the order of the edge mask's nonzero (checked)."""
+    cols = b.cols
+    edge, mask, e, r, c = None, None, None, None, None
+    if b.ragged is not None or bias:
+        cols = np.r_[b.cols]
+        edge = _edge_mask(g, b, cols)                                    # (R, C)
+    if b.ragged is not None:
+        mask = np.where(edge[:, b.ragged], 0, -np.inf).astype(np.float32)  # (R, ragged)
+    if bias:
+        r, c = np.nonzero(edge)
+        indptr, src, _ = _csr(g)
+        e = np.arange(indptr[b.rows.start], indptr[b.rows.stop])
+        if not np.array_equal(cols[c], src[e]):
+            raise AssertionError("dense: a block's edges are not in CSR order")
+    tiles = []
+    for t0, t1 in _tile_cuts(b.C):
+        if isinstance(b.cols, slice):
+            tile_cols = slice(b.cols.start + t0, b.cols.start + t1)
+        else:
+            tile_cols = b.cols[t0:t1]
+        ragged, tile_mask, edges = None, None, None
+        if b.ragged is not None and max(b.ragged.start, t0) < min(b.ragged.stop, t1):
+            a, z = max(b.ragged.start, t0), min(b.ragged.stop, t1)
+            ragged = slice(a - t0, z - t0)
+            tile_mask = mask[:, a - b.ragged.start:z - b.ragged.start]
+        if bias:
+            inside = (c >= t0) & (c < t1)
+            edges = (e[inside], r[inside], c[inside] - t0)
+        tiles.append(Tile(tile_cols, ragged, t1 - t0, tile_mask, edges))
+    return b._replace(tiles=tiles)
 
 
 def dense_bytes(g, n_heads, d_head, dtype, edge_bias=False, block_rows=None, d_model=None):
     """Bytes one forward plus backward of the layer with dense needs beyond x, params and dy, with
-    D = d_model or H dh: the layer's arrays (_layer_bytes); q, k, v and do heads first, (H, N,
-    dh + 1); each lane's dk and dv, (H, N, dh); per thread the scratch of the largest tile, (H, R,
-    C) s, dP (and a bias's tile), pv, dq and t; float32 masks; with a bias, its copies by edge."""
+    D = d_model or H dh, at the backward's peak: the layer's arrays (_layer_bytes) but q, k, v,
+    which the backward reads heads first; q, k, v and do heads first, (H, N, dh + 1), and dk, dv
+    so, (H, N, dh); each thread's buffers, as the plan sizes them; float32 masks; with a bias, its
+    copies in CSR order and each edge's place in its tile."""
     N, H, dh = g.num_nodes, n_heads, d_head
     item = np.dtype(dtype).itemsize
-    blocks = dense_blocks(g, block_rows)
-    T = math.inf
-    if not edge_bias:               # with a bias a tile is the whole block: _key_tiles
-        T = _TILE
-    cells = max([b.R * min(b.C, 2 * T) for b in blocks], default=0)      # the largest R C
-    rows = max([b.R for b in blocks], default=0)
-    cols = max([min(b.C, 2 * T) for b in blocks], default=0)
-    threads = nb.get_num_threads()
-    scratch = threads * H * ((2 + edge_bias) * cells + rows * (3 * dh + 2) + cols * dh) * item
-    if edge_bias:                   # a block's edges gathered: positions (17 bytes a pair), values
-        scratch += threads * cells * (17 + 2 * H * item) + 3 * g.num_edges * H * item
-    arrays = (4 * H * N * (dh + 1) + 2 * threads * H * N * dh) * item
-    masks = 4 * sum(b.R * (b.ragged.stop - b.ragged.start) for b in blocks if b.ragged is not None)
-    return _layer_bytes(N, H, dh, d_model, dtype) + arrays + scratch + masks
+    plan = _plan(g, H, dh, block_rows)
+    scratch = sum(n for name, n in plan.scratch.items() if edge_bias or name != "bias")
+    need = (4 * H * N * (dh + 1) - H * N * dh + nb.get_num_threads() * scratch) * item   # 2 - 3
+    for b in plan.blocks:
+        if b.ragged is not None:
+            need += 4 * b.R * (b.ragged.stop - b.ragged.start)
+    if edge_bias:
+        need += 3 * g.num_edges * H * item + 6 * 8 * g.num_edges      # positions: block's, tiles'
+    return _layer_bytes(N, H, dh, d_model, dtype) + need
 
 
 def _edge_mask(g, b, cols):
@@ -934,14 +1047,6 @@ def _edge_mask(g, b, cols):
     return mask
 
 
-def _block_edges(g, b):
-    """The CSR range of block b's edges, and their (row, column) positions in the block."""
-    indptr = _csr_indptr(g)
-    edges = slice(indptr[b.rows.start], indptr[b.rows.stop])
-    rows, cols = np.nonzero(_edge_mask(g, b, np.r_[b.cols]))
-    return edges, rows, cols
-
-
 def _heads_first(arrays, scales):
     """For each (N, H, dh) a, on a thread each: a * scale heads first, (H, N, dh + 1), with a last
     column of ones to ride in the matmuls; and whether they may hold an inf or NaN (a sum is not
@@ -956,22 +1061,23 @@ def _heads_first(arrays, scales):
     return [d[0] for d in done], any(d[1] for d in done)
 
 
-def _scores(qh, kh, bias, g, b, s):
-    """Pass 1 for block b: s (H, R, C) = qh[:, rows] kh[:, cols]^T, + bias at edges and -inf at
-    non-edges. qh, kh (H, N, dh + 1): q and k / sqrt(dh), heads first, with their last columns."""
-    np.matmul(qh[:, b.rows], kh[:, b.cols].transpose(0, 2, 1), out=s)
+def _scores(qh, kh, bias, heads, rows, tile, s, scratch):
+    """Pass 1 for a tile of rows: s (h, R, C) = qh[heads, rows] kh[heads, cols]^T, + bias at edges
+    and -inf at non-edges. qh, kh (H, N, dh + 1): q and k / sqrt(dh), heads first, with their last
+    columns."""
+    np.matmul(qh[heads, rows], kh[heads, tile.cols].transpose(0, 2, 1), out=s)
     if bias is not None:            # bias at edges, -inf elsewhere; a NaN s is kept off by _split
-        tile = _buffer("dense tile", s.size, s.dtype).reshape(s.shape)
-        tile[:] = -np.inf
-        e, r, c = _block_edges(g, b)
-        tile[:, r, c] = bias[e].T
-        s += tile
-    elif b.ragged is not None:
-        s[:, :, b.ragged] += b.mask
+        full = scratch["bias"][:s.size].reshape(s.shape)
+        full[:] = -np.inf
+        e, r, c = tile.edges
+        full[:, r, c] = bias[e, heads].T
+        s += full
+    elif tile.ragged is not None:
+        s[:, :, tile.ragged] += tile.mask
     return s
 
 
-def _split(blocks, g, bad):
+def _split(blocks, g, bad, bias):
     """Blocks with a non-finite input and a non-edge pair, cut into a block per row over its own
     sources: inf and NaN reach only what naive lets them (0 * NaN through a non-edge would not)."""
     out = []
@@ -983,34 +1089,24 @@ def _split(blocks, g, bad):
         for i in range(b.rows.start, b.rows.stop):
             row = Block(slice(i, i + 1), sources, None, 1, sources.size)
             cols = sources[_edge_mask(g, row, sources)[0]]
-            out.append(Block(row.rows, cols, None, 1, cols.size))
+            out.append(_tiled(g, Block(row.rows, cols, None, 1, cols.size), bias))
     return out
 
 
-def _key_tiles(b, bias):
-    """Block b's columns cut into C // _TILE tiles of equal width, _TILE to 2 _TILE columns, each a
-    Block of b's rows with its share of b's mask (a view): a tile's scores stay in the cache while
-    passes 1-4 run on them. A block narrower than 2 _TILE stays whole: its tiles would save less
-    than the online softmax's bookkeeping costs (small 13% slower). So does a block with an edge
-    bias, whose gather follows the block's own edges."""
-    count = b.C // _TILE
-    if count < 2 or bias is not None:
-        return [b]
-    width = math.ceil(b.C / count)
-    tiles = []
-    for t0 in range(0, b.C, width):
-        t1 = min(t0 + width, b.C)
-        if isinstance(b.cols, slice):
-            cols = slice(b.cols.start + t0, b.cols.start + t1)
-        else:
-            cols = b.cols[t0:t1]
-        ragged, mask = None, None
-        if b.ragged is not None and max(b.ragged.start, t0) < min(b.ragged.stop, t1):
-            a, z = max(b.ragged.start, t0), min(b.ragged.stop, t1)
-            ragged = slice(a - t0, z - t0)
-            mask = b.mask[:, a - b.ragged.start:z - b.ragged.start]
-        tiles.append(Block(b.rows, cols, ragged, b.R, t1 - t0, mask))
-    return tiles
+def _work(g, H, dh, block_rows, bias, bad):
+    """The plan and its prepared blocks; with a non-finite input, a plan of this call's own."""
+    plan = _plan(g, H, dh, block_rows)
+    blocks = _prepared(g, block_rows, bias is not None)
+    if bad is None:
+        return plan, blocks
+    blocks = _split(blocks, g, bad, bias is not None)
+    return _make_plan(blocks, H, dh, nb.get_num_threads()), blocks
+
+
+def _buffers(plan, dtype, bias):
+    """This thread's scratch arrays, as the plan sizes them (the bias tile only with a bias)."""
+    return {name: _buffer("dense " + name, n, dtype) for name, n in plan.scratch.items()
+            if bias is not None or name != "bias"}
 
 
 def _nonfinite(*arrays, bad=None):
@@ -1066,29 +1162,33 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
     bad = None
     if maybe_bad:
         bad = _nonfinite(q, k, v)
+    plan, blocks = _work(g, H, dh, block_rows, bias, bad)
 
-    def lane(blocks):
-        for b in blocks:
-            pv = _buffer("dense pv", H * b.R * (dh + 1), q.dtype).reshape(H, b.R, dh + 1)
-            m = np.zeros((H, b.R), q.dtype)                              # (H, R) the rows' shift
-            for number, tile in enumerate(_key_tiles(b, bias)):
-                s = _buffer("dense s", H * b.R * tile.C, q.dtype).reshape(H, b.R, tile.C)
+    def units(run):                                 # this thread's units: (heads, [one block])
+        scratch = _buffers(plan, q.dtype, bias)
+        for heads, (n,) in run:
+            b = blocks[n]
+            h = heads.stop - heads.start
+            pv = scratch["pv"][:h * b.R * (dh + 1)].reshape(h, b.R, dh + 1)
+            m = np.zeros((h, b.R), q.dtype)                              # (h, R) the rows' shift
+            for number, tile in enumerate(b.tiles):
+                s = scratch["s"][:h * b.R * tile.C].reshape(h, b.R, tile.C)
                 # pass 1: s - m = [q, -m] [k / sqrt(dh), 1]^T, -inf at non-edges (m = 0 at first)
-                qh[:, b.rows, dh] = -m
-                _scores(qh, kh, bias, g, tile, s)                        # (H, R, C)
+                qh[heads, b.rows, dh] = -m
+                _scores(qh, kh, bias, heads, b.rows, tile, s, scratch)   # (h, R, C)
                 if number == 0:
                     # pass 2: each row's max m, 0 in rows without an edge yet, subtracted
-                    m = s.max(-1, initial=-np.inf)                       # (H, R)
+                    m = s.max(-1, initial=-np.inf)                       # (h, R)
                     empty = m == -np.inf
                     m[empty] = 0
                     np.subtract(s, m[..., None], out=s)
                 else:
                     # pass 2, online: a row's m moves only where this tile's max passes it by
                     # _LAZY, or where the row meets its first edges; the sums so far scale to match
-                    t = s.max(-1, initial=-np.inf)                       # (H, R) max of s - m
+                    t = s.max(-1, initial=-np.inf)                       # (h, R) max of s - m
                     move = ((t > _LAZY) | empty) & (t > -np.inf)
                     if move.any():
-                        d = np.where(move, t, 0)                         # (H, R)
+                        d = np.where(move, t, 0)                         # (h, R)
                         np.subtract(s, d[..., None], out=s)
                         pv *= np.exp(-np.where(empty, 0, d))[..., None]  # empty rows' pv is 0
                         m += d
@@ -1096,16 +1196,16 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
                 # pass 3: exp(s - m); with pass 4's P V: [P V, l] = exp(s - m) [v, 1], summed
                 # over the tiles, P unnormalised
                 if number == 0:
-                    np.matmul(_exp(s), vh[:, tile.cols], out=pv)                 # (H, R, dh + 1)
+                    np.matmul(_exp(s), vh[heads, tile.cols], out=pv)     # (h, R, dh + 1)
                 else:
-                    pv_tile = _buffer("dense pv tile", pv.size, q.dtype).reshape(pv.shape)
-                    pv += np.matmul(_exp(s), vh[:, tile.cols], out=pv_tile)
-            l = pv[..., dh]                                              # (H, R)
+                    pv_tile = scratch["pv_tile"][:pv.size].reshape(pv.shape)
+                    pv += np.matmul(_exp(s), vh[heads, tile.cols], out=pv_tile)
+            l = pv[..., dh]                                              # (h, R)
             l[l == 0] = 1                       # l >= 1 unless a row has no edge: then o = 0 / 1
             # pass 4: o = P V / l
-            np.divide(pv[..., :dh].transpose(1, 0, 2), l.T[..., None], out=o[b.rows])
-            lse[b.rows] = (m + np.log(l)).T             # P = exp(s - lse)
-    _map_threads(lane, _lanes(_split(_masked(g, block_rows), g, bad)))
+            np.divide(pv[..., :dh].transpose(1, 0, 2), l.T[..., None], out=o[b.rows, heads])
+            lse[b.rows, heads] = (m + np.log(l)).T      # P = exp(s - lse)
+    _map_threads(units, plan.forward)
     qh[..., dh] = -lse.T                               # for the backward: [q, -lse] k^T = s - lse
     return o, DenseCache(qh, kh, vh, o, lse, bias, g, block_rows, bad)
 
@@ -1119,47 +1219,49 @@ def dense_backward(do, cache, dq, dk, dv):
     (doh,), maybe_bad = _heads_first((do,), (1,))   # (H, N, dh + 1): [do, -delta] below
     if bad is not None or bias is not None or maybe_bad:    # a bias's inf shows in o
         bad = _nonfinite(o, do, bad=bad)
-    lanes = _lanes(_split(_masked(g, block_rows), g, bad))
+    plan, blocks = _work(g, H, dh, block_rows, bias, bad)
     doh[..., dh] = -np.einsum("nhd,nhd->hn", do, o)    # delta = rowsum(P dP) = <do, o>
-    acc = _buffer("dense dkv", len(lanes) * 2 * dk.size, dk.dtype).reshape(len(lanes), 2, H, N, dh)
+    dkv = _buffer("dense dkv", 2 * dk.size, dk.dtype).reshape(2, H, N, dh)
+    dkv[:] = 0
+    dkh, dvh = dkv                  # (H, N, dh) each: a unit alone adds into its rows, in order
 
-    def lane(n):
-        acc[n] = 0
-        dk_l, dv_l = acc[n]                 # (H, N, dh) each: this lane's, added in lane order
-        for b in lanes[n]:
-            dq_rows = dq[b.rows].transpose(1, 0, 2)                     # (H, R, dh) a view
-            for number, tile in enumerate(_key_tiles(b, bias)):
-                s = _buffer("dense s", H * b.R * tile.C, do.dtype).reshape(H, b.R, tile.C)
-                dp = _buffer("dense dp", H * b.R * tile.C, do.dtype).reshape(H, b.R, tile.C)
-                t = _buffer("dense t", H * tile.C * dh, do.dtype).reshape(H, tile.C, dh)
-                # passes 1-4 again: P = exp([q, -lse] [k / sqrt(dh), 1]^T) = exp(s - lse)
-                p = _exp(_scores(qh, kh, bias, g, tile, s))               # (H, R, C)
-                # backward of pass 4's o = P V: dV = P^T do, and [do, -delta] [v, 1]^T = dP - delta
-                np.matmul(p.transpose(0, 2, 1), doh[:, b.rows, :dh], out=t)
-                dv_l[:, tile.cols] += t
-                np.matmul(doh[:, b.rows], vh[:, tile.cols].transpose(0, 2, 1), out=dp)
-                # backward of the softmax, passes 2-4's P: dS = P (dP - delta)
-                ds = np.multiply(dp, p, out=dp)                          # (H, R, C)
-                if bias is not None:
-                    e, r, c = _block_edges(g, tile)
-                    ds_edges[e] = ds[:, r, c].T
-                # backward of pass 1, s = q k^T / sqrt(dh): dQ = dS (k / sqrt(dh)), dK = dS^T q,
-                # whose 1 / sqrt(dh) is applied once, when the lanes are summed
-                np.matmul(ds.transpose(0, 2, 1), qh[:, b.rows, :dh], out=t)
-                dk_l[:, tile.cols] += t
-                if number == 0:
-                    np.matmul(ds, kh[:, tile.cols, :dh], out=dq_rows)
-                else:
-                    dq_tile = _buffer("dense dq tile", H * b.R * dh, do.dtype).reshape(H, b.R, dh)
-                    dq_rows += np.matmul(ds, kh[:, tile.cols, :dh], out=dq_tile)
-    _map_threads(lane, range(len(lanes)))
+    def units(run):                 # this thread's units: (heads, the blocks that share columns)
+        scratch = _buffers(plan, do.dtype, bias)
+        for heads, group in run:
+            h = heads.stop - heads.start
+            for b in (blocks[n] for n in group):
+                dq_rows = dq[b.rows, heads].transpose(1, 0, 2)          # (h, R, dh) a view
+                for number, tile in enumerate(b.tiles):
+                    s = scratch["s"][:h * b.R * tile.C].reshape(h, b.R, tile.C)
+                    dp = scratch["dp"][:s.size].reshape(s.shape)
+                    t = scratch["t"][:h * tile.C * dh].reshape(h, tile.C, dh)
+                    # passes 1-4 again: P = exp([q, -lse] [k / sqrt(dh), 1]^T) = exp(s - lse)
+                    p = _exp(_scores(qh, kh, bias, heads, b.rows, tile, s, scratch))  # (h, R, C)
+                    # backward of pass 4's o = P V: dV = P^T do, and [do, -delta] [v, 1]^T =
+                    # dP - delta
+                    np.matmul(p.transpose(0, 2, 1), doh[heads, b.rows, :dh], out=t)
+                    dvh[heads, tile.cols] += t
+                    np.matmul(doh[heads, b.rows], vh[heads, tile.cols].transpose(0, 2, 1), out=dp)
+                    # backward of the softmax, passes 2-4's P: dS = P (dP - delta)
+                    ds = np.multiply(dp, p, out=dp)                      # (h, R, C)
+                    if bias is not None:
+                        e, r, c = tile.edges
+                        ds_edges[e, heads] = ds[:, r, c].T
+                    # backward of pass 1, s = q k^T / sqrt(dh): dQ = dS (k / sqrt(dh)), dK = dS^T
+                    # q, whose 1 / sqrt(dh) is applied once, at the end
+                    np.matmul(ds.transpose(0, 2, 1), qh[heads, b.rows, :dh], out=t)
+                    dkh[heads, tile.cols] += t
+                    if number == 0:
+                        np.matmul(ds, kh[heads, tile.cols, :dh], out=dq_rows)
+                    else:
+                        dq_tile = scratch["dq_tile"][:h * b.R * dh].reshape(h, b.R, dh)
+                        dq_rows += np.matmul(ds, kh[heads, tile.cols, :dh], out=dq_tile)
+    _map_threads(units, plan.backward)
 
-    def add_lanes(task):                    # dk, then dv: the lanes added in order
-        n, out, scale = task
-        for lane_sum in acc[1:, n]:
-            acc[0, n] += lane_sum
-        np.multiply(acc[0, n], scale, out=out.transpose(1, 0, 2))
-    _map_threads(add_lanes, [(0, dk, 1 / math.sqrt(dh)), (1, dv, 1)])
+    def out(task):                          # dk, then dv: heads first to (N, H, dh)
+        acc, target, scale = task
+        np.multiply(acc, scale, out=target.transpose(1, 0, 2))
+    _map_threads(out, [(dkh, dk, 1 / math.sqrt(dh)), (dvh, dv, 1)])
     if bias is None:
         return None
     return _input_order(ds_edges, g)
@@ -1337,9 +1439,9 @@ def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
     This replaces Part 1's choose_backend, of the plain backends, as auto's pick."""
     H, dh, c = n_heads, d_head, COST
     scale = np.dtype(dtype).itemsize / 4                # float64 costs about twice float32
-    blocks = dense_blocks(g)
+    blocks = _plan(g, H, dh).blocks
     pairs = sum(b.R * b.C for b in blocks)                              # dense's (row, column)s
-    tiles = sum(max(1, b.C // _TILE) for b in blocks)                   # key tiles (_key_tiles)
+    tiles = sum(len(_tile_cuts(b.C)) for b in blocks)                   # key tiles
     cost = {"dense": c["dense_call"] + c["dense_tile"] * tiles
             + scale * H * pairs * (c["dense_pair"] + dh * c["dense_mac"]),
             "sparse": c["sparse_call"] + scale * g.num_nodes * c["sparse_node"]
@@ -1591,16 +1693,6 @@ def _buffer(key, n, dtype):
     if key not in bufs or bufs[key].size < nbytes:
         bufs[key] = np.empty(nbytes, np.uint8)
     return bufs[key][:nbytes].view(dtype)
-
-
-def _lanes(blocks):
-    """The dense blocks in contiguous runs of about equal work, one per thread (a lane), largest
-    block first: a thread's buffers are made once, at their largest (causal peak 187 -> 132 MiB)."""
-    n = nb.get_num_threads()
-    work = np.cumsum([0] + [b.R * b.C for b in blocks])               # (blocks + 1,) work before
-    cuts = np.r_[0, np.searchsorted(work[1:], work[-1] * np.arange(1, n) / n, "right"), len(blocks)]
-    lanes = [blocks[a:z] for a, z in zip(cuts[:-1], cuts[1:])]
-    return [sorted(lane, key=lambda b: b.R * b.C, reverse=True) for lane in lanes]
 
 
 def _map_threads(fn, items):

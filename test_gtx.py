@@ -407,24 +407,56 @@ def test_matmuls_match_matmul(dtype):
         assert_close(f"_matmuls {(m, k, n)} + add", got_add, want + add, RTOL[dtype])
 
 
-def test_sparse_is_deterministic():
+@pytest.mark.parametrize("backend", ["dense", "sparse"])
+def test_engine_is_deterministic(backend):
+    """The same bits across calls and for 1 thread or all: dense's backward units own the dk, dv
+    rows they write, sparse sums each node on one thread."""
     threads = numba.get_num_threads()
     if threads < 2:
         pytest.skip("needs 2 or more Numba threads to compare thread counts")
     cases = [(gtx.random_graph(300, avg_degree=8, rng=9), 16, 4, 8, F32), (make_graph(star(300), 300), 16, 4, 8, F32),
-             (gtx.random_graph(3, avg_degree=1, rng=9), 3, 1, 3, F64),
+             (gtx.random_graph(3, avg_degree=1, rng=9), 3, 1, 3, F64), (gtx.causal_graph(257, window=33), 32, 4, 8, F32),
+             (gtx.complete_graph(300), 16, 4, 4, F32),
              (gtx.random_graph(4500, avg_degree=4, rng=9), 63, 3, 17, F64)]   # long enough to cut the matmuls
     for g, D, H, dh, dtype in cases:
         x, p, dy, eb = make_inputs(g, D=D, H=H, dh=dh, dtype=dtype, seed=9)
-        a, b = run("sparse", g, x, p, dy, eb), run("sparse", g, x, p, dy, eb)
+        a, b = run(backend, g, x, p, dy, eb), run(backend, g, x, p, dy, eb)
         numba.set_num_threads(1)
         try:
-            c = run("sparse", g, x, p, dy, eb)
+            c = run(backend, g, x, p, dy, eb)
         finally:
             numba.set_num_threads(threads)
         for k in a:
-            assert np.array_equal(a[k], b[k]), f"sparse {k} not bit-identical across calls"
-            assert np.array_equal(a[k], c[k]), f"sparse {k} differs between {threads} threads and 1"
+            assert np.array_equal(a[k], b[k]), f"{backend} {k} not bit-identical across calls"
+            assert np.array_equal(a[k], c[k]), (f"{backend} {k} differs between {threads} threads and 1 by "
+                                                f"{np.abs(a[k] - c[k]).max()}")
+
+
+@pytest.mark.parametrize("graph", ["complete300", "complete600", "complete1500", "causal", "window", "random",
+                                   "molecules"])
+def test_dense_plan_keeps_every_thread_busy(graph, monkeypatch):
+    """On 2 threads, each thread's share of a plan's work (pairs times heads) is within 10% of the
+    mean wherever there are 2 units per thread or more; each block is in one unit per head. (On 3,
+    a forward of few blocks, as complete_graph(300)'s, is not yet: its rows are not split.)"""
+    g = {"complete300": lambda: gtx.complete_graph(300), "complete600": lambda: gtx.complete_graph(600),
+         "complete1500": lambda: gtx.complete_graph(1500), "causal": lambda: gtx.causal_graph(4096),
+         "window": lambda: gtx.causal_graph(5000, window=128),
+         "random": lambda: gtx.random_graph(3000, avg_degree=16, rng=3),
+         "molecules": lambda: gtx.batch_graphs([gtx.complete_graph(int(n)) for n in
+                                                np.random.default_rng(0).integers(15, 36, 300)])}[graph]()
+    for threads in (2,):
+        monkeypatch.setattr(gtx.nb, "get_num_threads", lambda: threads)
+        plan = gtx._plan(g, 4, 16)
+        for part in ("forward", "backward"):
+            runs = getattr(plan, part)
+            assert len(runs) == threads
+            covered = sorted((h, n) for run in runs for heads, group in run for n in group
+                             for h in range(heads.start, heads.stop))
+            assert covered == [(h, n) for h in range(4) for n in range(len(plan.blocks))], f"{part}: not each once"
+            load = [sum((h.stop - h.start) * sum(plan.blocks[n].R * plan.blocks[n].C for n in group)
+                        for h, group in run) for run in runs]
+            if sum(len(run) for run in runs) >= 2 * threads:
+                assert max(abs(w / np.mean(load) - 1) for w in load) <= 0.10, f"{graph} {part} {threads}: {load}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
