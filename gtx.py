@@ -84,7 +84,7 @@ class Graph:
             c = order[1:][same].min()
             raise ValueError(f"duplicate edge (j, i) = ({src[c]}, {dst[c]}) at edge_index[:, {c}]")
         self._setup(N, src.size, np.array([0, N]))
-        self.edge_index = _read_only(np.stack([src, dst]))  # set: the property below is not called
+        self.edge_index = _read_only(np.stack([src, dst]))  # hides the cached_property below
 
     def _setup(self, N, E, ptr, ranges=None, self_loops=True):     # every constructor's fields
         self.num_nodes = N
@@ -309,7 +309,7 @@ def textbook_bytes(N, n_heads, dtype):
 def textbook_forward(q, k, v, bias, g):
     N, H, dh = q.shape
     _check_memory(textbook_bytes(N, H, q.dtype), f"textbook backend (N={N}, H={H})",
-                  "; the engine's backend='dense' (Part 2) is the same math by blocks of rows")
+                  "; Part 2's backend='dense' (by blocks of rows) or 'sparse' needs less")
     Q, K, V = q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)   # (H, N, dh)
     src, dst = g.edge_index                                             # (E,) each
     B = np.full((H, N, N), -np.inf, q.dtype)                            # (H, N, N)
@@ -363,8 +363,8 @@ def textbook_backward(do, cache, dq, dk, dv):
 Backend = namedtuple("Backend", "forward backward")
 BACKENDS = {"naive": Backend(naive_forward, naive_backward),
             "textbook": Backend(textbook_forward, textbook_backward)}
-# LAYERS is empty here; Part 2 adds dense and sparse to BACKENDS and, to LAYERS, its own layer
-# for them, forward's and backward's steps on its threads, to which these functions hand them.
+# Part 1 never uses LAYERS: Part 2 adds dense and sparse to BACKENDS, and to LAYERS the layer it
+# runs them in (these steps, on its threads); forward, backward and attention_weights hand it over.
 LAYERS = {}
 Cache = namedtuple("Cache", "backend x params o attention edge_bias")
 
@@ -426,8 +426,8 @@ def _check_params(params, D, dtype, keys):
 
 def forward(x, g, params, backend="auto", edge_bias=None):
     """y (N, D) and a cache for backward. edge_bias (E, H), in g's input edge order, is added to
-    the scores. backend="auto" takes choose_backend's pick (of the engine's dense or sparse, with
-    Part 2); cache.backend records it. backend="naive" or "textbook" runs only Part 1's code."""
+    the scores. backend="auto" takes choose_backend's pick: the engine's dense or sparse, or, with
+    Part 1 alone, textbook; cache.backend records it. "naive", "textbook": Part 1's code only."""
     x, p, edge_bias = _check_inputs(x, g, params, backend, edge_bias, PARAM_KEYS)
     N, D = x.shape
     _, H, dh = p["Wq"].shape
@@ -609,10 +609,10 @@ def sinusoidal_pe(n, d):
 
 def laplacian_pe(g, k, rng=None):
     """(N, k) Laplacian eigenvector encodings (Dwivedi & Bresson 2020): eigenvectors of L = I -
-    D^-1/2 A D^-1/2 on the undirected g, self-loops ignored, ascending, the first dropped. An
-    isolated node has D^-1/2 = 0, so its indicator is an eigenvector, eigenvalue 1. Sign: in each
-    column the entry of largest magnitude (the first on ties) is positive; with an rng, signs are
-    then flipped at random, as in training. Columns past N - 1 are 0. O(N^3) time, 4 N^2 floats."""
+    D^-1/2 A D^-1/2 on the undirected g, self-loops ignored, ascending, the first dropped; an
+    isolated node (D^-1/2 = 0) has its indicator, eigenvalue 1. Sign: each column's entry of largest
+    magnitude (the first on ties) positive, then flipped at random with an rng. Columns past N - 1
+    are 0. O(N^3) time, 4 N^2 floats. On a batch the parts' eigenvalues mix: call it per graph."""
     if not isinstance(g, Graph):
         raise TypeError(f"g must be a Graph, got {type(g).__name__}")
     k = _count("k", k)
@@ -930,7 +930,7 @@ def _make_plan(blocks, H, dh, threads):
               for runs in (forward, backward))                          # the most heads in a unit
     scratch = dict(s=max(fh, bh) * tile_cells, bias=max(fh, bh) * tile_cells,
                    pv=fh * R * (dh + 1), pv_tile=fh * R * (dh + 1),     # the forward's
-                   dp=bh * tile_cells, t=bh * tile_cols * dh, dq_tile=bh * R * dh)   # the backward's
+                   dp=bh * tile_cells, t=bh * tile_cols * dh, dq_tile=bh * R * dh)  # backward's
     return Plan(blocks, forward, backward, scratch)
 
 
@@ -941,7 +941,8 @@ def _split_work(groups, blocks, H, threads):
         k += 1
     heads = [slice(a * H // k, (a + 1) * H // k) for a in range(k)]
     units = [(h, group) for group in groups for h in heads]
-    work = [(h.stop - h.start) * sum(blocks[n].R * blocks[n].C for n in group) for h, group in units]
+    work = [(h.stop - h.start) * sum(blocks[n].R * blocks[n].C for n in group)
+            for h, group in units]
     runs, load = [[] for _ in range(threads)], [0] * threads
     for u in np.argsort(work, kind="stable")[::-1]:
         t = int(np.argmin(load))
