@@ -1173,6 +1173,7 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
             pv = scratch["pv"][:h * b.R * (dh + 1)].reshape(h, b.R, dh + 1)
             m = np.zeros((h, b.R), q.dtype)                              # (h, R) the rows' shift
             for number, tile in enumerate(b.tiles):
+                _stop_point()
                 s = scratch["s"][:h * b.R * tile.C].reshape(h, b.R, tile.C)
                 # pass 1: s - m = [q, -m] [k / sqrt(dh), 1]^T, -inf at non-edges (m = 0 at first)
                 qh[heads, b.rows, dh] = -m
@@ -1233,6 +1234,7 @@ def dense_backward(do, cache, dq, dk, dv):
             for b in (blocks[n] for n in group):
                 dq_rows = dq[b.rows, heads].transpose(1, 0, 2)          # (h, R, dh) a view
                 for number, tile in enumerate(b.tiles):
+                    _stop_point()
                     s = scratch["s"][:h * b.R * tile.C].reshape(h, b.R, tile.C)
                     dp = scratch["dp"][:s.size].reshape(s.shape)
                     t = scratch["t"][:h * tile.C * dh].reshape(h, tile.C, dh)
@@ -1587,17 +1589,20 @@ def _layer_bytes(N, n_heads, d_head, d_model, dtype):
 
 
 def _node_ranges(g, by_source=False):
-    """(start, stop) ranges of targets (or sources) of about equal work (edges + nodes), one per
-    thread, built once per graph and thread count: hubs spread, none is split."""
+    """(start, stop) ranges of targets (or sources) of about equal work (edges + nodes), built once
+    per graph and thread count: hubs spread, none is split. A thread takes a run of them, as many
+    as keep each near _CHUNK of work (at most 64): between them, it can stop (_map_threads)."""
     def build():
         indptr = _sparse_index(g).t_indptr if by_source else _csr_indptr(g)
         work = indptr + np.arange(indptr.size)                          # (N+1,) increasing
-        n = nb.get_num_threads()
+        threads = nb.get_num_threads()
+        n = threads * int(np.clip(work[-1] // (threads * _CHUNK), 1, 64))
         cuts = np.searchsorted(work, np.linspace(0, work[-1], n + 1)).tolist()
         return list(zip(cuts[:-1], cuts[1:]))
     return _derived(g, ("ranges", by_source, nb.get_num_threads()), build)
 
 
+_CHUNK = 2**20          # edges and nodes a sparse kernel call takes at most, if it can: ~50 ms
 _AHEAD = 8              # edges prefetched ahead: sparse 1.68x, powerlaw 1.25x faster than none
 _LINE = 64                              # cache line bytes
 
@@ -1696,28 +1701,77 @@ def _buffer(key, n, dtype):
     return bufs[key][:nbytes].view(dtype)
 
 
+class _Stopped(Exception):
+    """Raised at a _stop_point of a gtx thread whose call has failed in another thread."""
+
+
+def _stop_point():                      # between units of work: stop if the call has failed
+    stop = getattr(_THREAD, "stop", None)
+    if stop is not None and stop.is_set():
+        raise _Stopped
+
+
 def _map_threads(fn, items):
     """list(map(fn, items)) on Numba's count of threads, this one too, a run of items each (not a
-    task each: one costs tens of microseconds to hand to a thread), with denormals as zero."""
+    task each: one costs tens of microseconds to hand to a thread), with denormals as zero. The
+    first exception raised in any thread (Ctrl-C's KeyboardInterrupt in this one) stops the others
+    at their next item or _stop_point, and is raised here, as itself, once all have stopped."""
     items = list(items)
     n = min(nb.get_num_threads(), len(items))
     runs = [items[c * len(items) // n:(c + 1) * len(items) // n] for c in range(n)]
+    stop = threading.Event()
+    raised = []                         # the exceptions, first first
 
     def each(run):                      # on x86: see _swap_mxcsr
         old = None
         if _NO_DENORMALS is not None:
             old = _mxcsr(_NO_DENORMALS)
+        outer = getattr(_THREAD, "stop", None)
+        _THREAD.stop = stop
         try:
-            return [fn(item) for item in run]
+            out = []
+            for item in run:
+                _stop_point()
+                out.append(fn(item))
+            return out
+        except _Stopped:
+            return []
+        except BaseException as e:
+            if isinstance(e, SystemError) and isinstance(e.__cause__, KeyboardInterrupt):
+                e = e.__cause__         # Ctrl-C inside a Numba call: Numba reports it so
+            raised.append(e)
+            stop.set()
+            raise e
         finally:
+            _THREAD.stop = outer
             if old is not None:
                 _mxcsr(np.uint32(old))
-    rest = _python_threads(n - 1).map(each, runs[1:]) if n > 1 else []
+    futures = []
+    if n > 1:
+        futures = [_python_threads(n - 1).submit(each, run) for run in runs[1:]]
     try:
-        return each(runs[0] if runs else []) + [r for run in rest for r in run]
-    finally:
-        for _ in rest:                  # wait for the other threads, also when this one raised
-            pass
+        mine = each(runs[0] if runs else [])
+        for f in futures:
+            f.exception()               # waits; a Ctrl-C here stops the call too
+    except BaseException as e:
+        stop.set()
+        _wait_out(futures)
+        if raised and raised[0] is not e:
+            raise raised[0] from None
+        raise
+    if raised:
+        raise raised[0]
+    return mine + [r for f in futures for r in f.result()]
+
+
+def _wait_out(futures):                 # every thread stopped, through a second Ctrl-C too
+    for f in futures:
+        while True:
+            try:
+                f.exception()
+                break
+            except KeyboardInterrupt:
+                continue
 
 
 def _packed(q, k, v):

@@ -1087,6 +1087,85 @@ def test_part1_runs_alone(tmp_path):
                 f"{name}: Part 1 alone differs from gtx by {np.abs(got - want).max()}")
     assert sum(name.endswith(" raises") for name in full) == 18
 
+
+SIGINT_CHILD = """
+import os, signal, sys, threading, time
+import numpy as np, gtx
+backend, phase = sys.argv[1:]
+g = gtx.complete_graph(16000) if backend == "dense" else gtx.causal_graph(60000, window=300)
+p = gtx.init_params(32, 4, 8, rng=0, dtype=np.float32)
+x = np.random.default_rng(0).standard_normal((g.num_nodes, 32)).astype(np.float32)
+small = gtx.random_graph(40, avg_degree=5, rng=1)
+gtx.backward(*gtx.forward(x[:40], small, p, backend=backend))        # compiled, threads started
+cache = None
+if phase == "backward":
+    y, cache = gtx.forward(x, g, p, backend=backend)
+sent = []
+def fire():
+    time.sleep(0.5)
+    sent.append(time.perf_counter())
+    os.kill(os.getpid(), signal.SIGINT)
+threading.Thread(target=fire, daemon=True).start()
+try:
+    if phase == "forward":
+        gtx.forward(x, g, p, backend=backend)
+    else:
+        gtx.backward(y, cache)
+    print("no interrupt")
+except KeyboardInterrupt:
+    print(f"{time.perf_counter() - sent[0]:.3f}")
+y1, c1 = gtx.forward(x[:40], small, p, backend=backend)              # the next call is right
+y0, c0 = gtx.forward(x[:40], small, p, backend="naive")
+dx1, dx0 = gtx.backward(y0, c1)[0], gtx.backward(y0, c0)[0]
+print(float(max(np.abs(y1 - y0).max(), np.abs(dx1 - dx0).max())))
+"""
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+@pytest.mark.parametrize("backend", ["dense", "sparse"])
+def test_ctrl_c_stops_the_call_promptly(backend, phase):
+    """SIGINT half a second into a dense or sparse call of several seconds raises KeyboardInterrupt
+    in the main thread within 1 s (gtx's other threads stop at their next unit of work), and the
+    next call in the process gives naive's numbers."""
+    r = subprocess.run([sys.executable, "-c", SIGINT_CHILD, backend, phase], cwd=HERE, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    seconds, err = r.stdout.split()
+    assert seconds != "no", f"{backend} {phase}: the call ended before the signal: make it longer"
+    assert float(seconds) < 1.0, f"{backend} {phase}: KeyboardInterrupt {seconds} s after the signal"
+    assert float(err) < 1e-4, f"{backend} {phase}: the next call differs from naive by {err}"
+
+
+MAP_THREADS_RAISE = """
+import time, gtx
+done = []
+def fn(i):
+    if i == 0:
+        time.sleep(0.05)
+        raise ValueError("item 0")
+    time.sleep(0.2)
+    done.append(i)
+try:
+    gtx._map_threads(fn, range(40))             # 4 threads, runs of 10: item 0 in this thread's
+    print("no exception")
+except ValueError as e:
+    n = len(done)
+    time.sleep(0.6)
+    print(str(e).replace(" ", "_"), n, len(done))
+"""
+
+
+def test_map_threads_raises_the_first_exception_once_all_stopped():
+    """On 4 threads, an exception in one stops the others at their next item: the call raises it as
+    itself, and nothing runs after the call has raised."""
+    r = subprocess.run([sys.executable, "-c", MAP_THREADS_RAISE], cwd=HERE, capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, NUMBA_NUM_THREADS="4"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    message, at_raise, later = r.stdout.split()
+    assert message == "item_0"
+    assert int(at_raise) == int(later), f"{int(later) - int(at_raise)} items ran after the call raised"
+    assert int(at_raise) <= 3, f"{at_raise} items ran: the other threads did not stop at their first"
+
 MEMORY_CHECK = """
 import json, sys, tracemalloc
 import numpy as np, gtx
