@@ -1653,8 +1653,8 @@ def _mxcsr(value):
 _NO_DENORMALS = np.uint32(0x9FC0) if platform.machine().lower() in ("x86_64", "amd64") else None
 
 
-_BLAS = ThreadpoolController()
-_BLAS_HOLD = {"calls": 0, "lock": threading.Lock()}    # gtx calls running, the limit to restore
+_BLAS = ThreadpoolController().select(user_api="blas").lib_controllers    # the loaded BLAS
+_BLAS_HOLD = {"calls": 0, "lock": threading.Lock()}    # gtx calls running, the counts to restore
 
 
 @contextlib.contextmanager
@@ -1663,7 +1663,8 @@ def _one_blas_thread():
     restores it); gtx's threads split the work instead: idle BLAS threads spin, idle ones sleep."""
     with _BLAS_HOLD["lock"]:
         if _BLAS_HOLD["calls"] == 0:
-            _BLAS_HOLD["limit"] = _BLAS.limit(limits=1, user_api="blas")
+            _BLAS_HOLD["counts"] = [lib.num_threads for lib in _BLAS]
+            _set_blas_threads([1] * len(_BLAS))
         _BLAS_HOLD["calls"] += 1
     try:
         yield
@@ -1671,7 +1672,25 @@ def _one_blas_thread():
         with _BLAS_HOLD["lock"]:
             _BLAS_HOLD["calls"] -= 1
             if _BLAS_HOLD["calls"] == 0:
-                _BLAS_HOLD["limit"].restore_original_limits()
+                _set_blas_threads(_BLAS_HOLD["counts"])
+
+
+def _set_blas_threads(counts):
+    """Each BLAS's thread count, from any Python thread: for a pthreads OpenBLAS by its own setter,
+    as threadpoolctl 3.8 changes it only from the first thread that did (gtx called from another
+    thread kept BLAS's threads: other bits, and cores taken from gtx's threads)."""
+    for lib, n in zip(_BLAS, counts):
+        setter = None
+        if lib.internal_api == "openblas" and lib.threading_layer != "openmp":
+            setter = getattr(lib, "_get_symbol", _no_symbol)("openblas_set_num_threads")
+        if setter is None:
+            lib.set_num_threads(n)
+        else:
+            setter(n)
+
+
+def _no_symbol(name):                   # a threadpoolctl without _get_symbol: its own setter
+    return None
 
 
 @functools.cache

@@ -1762,6 +1762,34 @@ def test_concurrent_threads_match_serial_calls():
         assert_same_bits(g, want[n % len(PARALLEL_CASES)], f"thread call {n}, {case}")
 
 
+def thread_case(name, backend):
+    """y and every gradient of one dense or sparse call on issue 31's graphs, D/H/dh 32/4/8 float32."""
+    g = {"random": gtx.random_graph(300, avg_degree=8, rng=0), "window": gtx.causal_graph(257, window=33),
+         "complete": gtx.complete_graph(150)}[name]
+    x, p, dy, _ = make_inputs(g, D=32, H=4, dh=8, dtype=F32, seed=31, bias=False)
+    y, cache = gtx.forward(x, g, p, backend=backend)
+    dx, grads = gtx.backward(dy, cache)
+    return dict(y=y, dx=dx, **grads)
+
+
+def test_a_call_from_any_thread_gives_the_main_threads_bits():
+    """From a threading.Thread, alone or six at once, gtx holds BLAS to one thread as from the main
+    one (threadpoolctl lets only its first thread change OpenBLAS's count): the same bits."""
+    from concurrent.futures import ThreadPoolExecutor
+    import threading
+    cases = [(name, backend) for name in ("random", "window", "complete") for backend in ("dense", "sparse")]
+    want = {case: thread_case(*case) for case in cases}
+    for case in cases:
+        got = {}
+        t = threading.Thread(target=lambda: got.update(out=thread_case(*case)))
+        t.start()
+        t.join()
+        assert_same_bits(got["out"], want[case], f"{case} from one thread")
+    with ThreadPoolExecutor(6) as pool:
+        for case, out in zip(cases, pool.map(lambda c: thread_case(*c), cases)):
+            assert_same_bits(out, want[case], f"{case} from six threads at once")
+
+
 def work_and_hold(case):
     """parallel_work in a worker, and gtx's count of calls holding BLAS to one thread after it."""
     return parallel_work(case), gtx._BLAS_HOLD["calls"]
