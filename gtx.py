@@ -42,7 +42,7 @@ def _count(name, n, low=0):
     return int(n)
 
 
-def available_bytes():               # what the OS can hand out now, on any OS
+def available_bytes():               # what the OS can hand out now; Part 2 adds cgroups' limits
     return psutil.virtual_memory().available
 
 
@@ -752,9 +752,11 @@ def shortest_path_lengths(g, pairs):
 # choose_backend, the torch maps and the plumbing (threads, BLAS hold, buffers, MXCSR, prefetch).
 # Inputs are checked by Part 1's API, and memory by Part 1's guard, _check_memory.
 import contextlib
+import ctypes
 import os
 import platform
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numba as nb
@@ -1695,12 +1697,13 @@ def _no_symbol(name):                   # a threadpoolctl without _get_symbol: i
 
 @functools.cache
 def _python_threads(n):                # a pool per thread count, made on first use
-    return ThreadPoolExecutor(n)
+    return ThreadPoolExecutor(n, thread_name_prefix="gtx")
 
 
 def _after_fork_in_child():             # the parent's other threads, inside gtx or not, are gone
     _python_threads.cache_clear()
     _BLAS_HOLD.update(calls=0, lock=threading.Lock())
+    _SCRATCH["lock"] = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):     # POSIX
@@ -1710,14 +1713,101 @@ if hasattr(os, "register_at_fork"):     # POSIX
 _THREAD = threading.local()
 
 
+class _Scratch:
+    """One thread's buffers: arrays, by key; owner, the thread's name."""
+
+    def __init__(self, owner):
+        self.owner = owner
+        self.arrays = {}
+
+
+_SCRATCH = {"all": weakref.WeakSet(), "lock": threading.Lock()}   # every live thread's _Scratch
+
+
 def _buffer(key, n, dtype):
     """n elements of dtype from a buffer this thread keeps per key, valid until its next call with
     that key: fresh temporaries pay page faults each call (glibc returns big blocks to the OS)."""
-    bufs = _THREAD.__dict__.setdefault("bufs", {})
+    scratch = getattr(_THREAD, "scratch", None)
+    if scratch is None:
+        scratch = _Scratch(threading.current_thread().name)
+        _THREAD.scratch = scratch
+        with _SCRATCH["lock"]:
+            _SCRATCH["all"].add(scratch)
     nbytes = n * np.dtype(dtype).itemsize
-    if key not in bufs or bufs[key].size < nbytes:
-        bufs[key] = np.empty(nbytes, np.uint8)
-    return bufs[key][:nbytes].view(dtype)
+    buf = scratch.arrays.get(key)       # one lookup: release_buffers may clear them meanwhile
+    if buf is None or buf.size < nbytes:
+        buf = np.empty(nbytes, np.uint8)
+        scratch.arrays[key] = buf
+    return buf[:nbytes].view(dtype)
+
+
+def release_buffers():
+    """Frees the scratch arrays that gtx's threads and yours keep from call to call (up to a few
+    times a call's own arrays), to give a long-lived process its memory back after large calls.
+    Safe while another thread is inside gtx: what it is using lives on until it is done. On glibc,
+    malloc_trim then returns the freed memory to the OS."""
+    with _SCRATCH["lock"]:
+        for scratch in list(_SCRATCH["all"]):
+            scratch.arrays.clear()
+    if platform.system() == "Linux":
+        with contextlib.suppress(OSError, AttributeError):     # not glibc: nothing to trim
+            ctypes.CDLL(None).malloc_trim(0)
+
+
+def _held_bytes():
+    """Bytes of the buffers this thread and gtx's threads hold: a call reuses them."""
+    mine = threading.current_thread().name
+    with _SCRATCH["lock"]:
+        held = [scratch for scratch in _SCRATCH["all"]
+                if scratch.owner == mine or scratch.owner.startswith("gtx")]
+    return sum(b.size for scratch in held for b in list(scratch.arrays.values()))
+
+
+_CGROUP = {"root": "/sys/fs/cgroup", "self": "/proc/self/cgroup"}    # tests point them elsewhere
+
+
+def available_bytes():
+    """Part 1's available_bytes, otherwise identical, except: also at most what this process's
+    memory cgroups, up to the root, leave (v2: memory.max less memory.current; v1:
+    memory.limit_in_bytes less memory.usage_in_bytes; "max", or v1's huge value, is no limit); and
+    the buffers gtx holds count as available, as a call reuses them rather than allocating anew."""
+    have = psutil.virtual_memory().available
+    for limit_file, usage_file in _cgroup_files():
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:
+            have = min(have, int(limit) - usage)
+    return max(have, 0) + _held_bytes()
+
+
+@functools.cache
+def _cgroup_files():
+    """(limit, usage) file pairs of this process's memory cgroups and their parents, v2 and v1."""
+    try:
+        with open(_CGROUP["self"]) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    pairs = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, files = _CGROUP["root"], ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            base = os.path.join(_CGROUP["root"], "memory")
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        parts = [part for part in path.split("/") if part]
+        for depth in range(len(parts), -1, -1):
+            folder = os.path.join(base, *parts[:depth])
+            pairs.append((os.path.join(folder, files[0]), os.path.join(folder, files[1])))
+    return pairs
 
 
 class _Stopped(Exception):

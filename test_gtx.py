@@ -1166,6 +1166,70 @@ def test_map_threads_raises_the_first_exception_once_all_stopped():
     assert int(at_raise) == int(later), f"{int(later) - int(at_raise)} items ran after the call raised"
     assert int(at_raise) <= 3, f"{at_raise} items ran: the other threads did not stop at their first"
 
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_memory_guard_reads_the_cgroup(tmp_path, monkeypatch, version):
+    """available_bytes is at most what the process's cgroup (or a parent) leaves, limit less usage,
+    read from files the test writes; "max" or v1's huge value is no limit; dense then refuses."""
+    gib = 2**30
+    if version == "v2":
+        (tmp_path / "self").write_text("0::/a/b\n")
+        limit, usage, root = "memory.max", "memory.current", tmp_path
+    else:
+        (tmp_path / "self").write_text("5:cpu:/a\n4:memory:/a/b\n")
+        limit, usage, root = "memory.limit_in_bytes", "memory.usage_in_bytes", tmp_path / "memory"
+    (root / "a" / "b").mkdir(parents=True)
+    no_limit = "max" if version == "v2" else "9223372036854771712"
+    for folder, cap, used in ((root / "a" / "b", no_limit, 5 * gib), (root / "a", 3 * gib, gib // 2),
+                              (root, no_limit, 0)):
+        (folder / limit).write_text(f"{cap}\n")
+        (folder / usage).write_text(f"{used}\n")
+    monkeypatch.setitem(gtx._CGROUP, "root", str(tmp_path))
+    monkeypatch.setitem(gtx._CGROUP, "self", str(tmp_path / "self"))
+    gtx._cgroup_files.cache_clear()
+    gtx.release_buffers()
+    try:
+        want = min(psutil.virtual_memory().available, 3 * gib - gib // 2)    # a's limit less usage
+        assert abs(gtx.available_bytes() - want) < 2**26, f"{gtx.available_bytes():,} for {want:,}"
+        if psutil.virtual_memory().available > 4 * gib:
+            with pytest.raises(MemoryError, match="2.5 GiB is available"):
+                gtx._check_memory(4 * gib, "4 GiB")
+        (root / "a" / limit).write_text(f"{no_limit}\n")              # no limit left
+        assert abs(gtx.available_bytes() - psutil.virtual_memory().available) < 2**26
+    finally:
+        gtx._cgroup_files.cache_clear()
+
+
+RSS_CHECK = """
+import gc, json, sys
+import numpy as np, psutil, gtx
+g = gtx.complete_graph(4096)
+p = gtx.init_params(256, 4, 64, rng=0, dtype=np.float32)
+x = np.random.default_rng(0).standard_normal((4096, 256)).astype(np.float32)
+def call(graph):
+    y, cache = gtx.forward(x[:graph.num_nodes], graph, p, backend="dense")
+    gtx.backward(y, cache)
+call(gtx.complete_graph(64))                    # warm-up: compiled, threads started
+gc.collect()
+before = psutil.Process().memory_info().rss
+call(g)
+gc.collect()
+held = psutil.Process().memory_info().rss
+gtx.release_buffers()
+after = psutil.Process().memory_info().rss
+print(json.dumps([before, held, after]))
+"""
+
+
+def test_release_buffers_gives_the_memory_back():
+    """After a dense forward and backward on complete_graph(4096) (D/H/dh 256/4/64, float32) with
+    every output dropped, release_buffers brings RSS back within 10% of before the call."""
+    r = subprocess.run([sys.executable, "-c", RSS_CHECK], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before, held, after = json.loads(r.stdout.splitlines()[-1])
+    assert held > 1.1 * before, f"the call held only {held - before:,} bytes: the test shows nothing"
+    assert after <= 1.1 * before, f"RSS {after:,} after release_buffers, {before:,} before the call"
+
 MEMORY_CHECK = """
 import json, sys, tracemalloc
 import numpy as np, gtx
