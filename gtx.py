@@ -937,19 +937,21 @@ def _make_plan(blocks, H, dh, threads):
 
 
 def _split_work(groups, blocks, H, threads):
-    """Per thread, its units (heads, block numbers): each group of blocks with each head group."""
-    k = 1
-    while k < H and k * len(groups) < 2 * threads:
-        k += 1
-    heads = [slice(a * H // k, (a + 1) * H // k) for a in range(k)]
-    units = [(h, group) for group in groups for h in heads]
-    work = [(h.stop - h.start) * sum(blocks[n].R * blocks[n].C for n in group)
-            for h, group in units]
-    runs, load = [[] for _ in range(threads)], [0] * threads
-    for u in np.argsort(work, kind="stable")[::-1]:
-        t = int(np.argmin(load))
-        runs[t].append(units[u])
-        load[t] += work[u]
+    """Per thread, its units (heads, block numbers): each group of blocks with each head group, the
+    heads in the fewest groups that keep every thread within 10% of the mean (fewer, larger calls),
+    else in H groups."""
+    for k in range(1, H + 1):
+        heads = [slice(a * H // k, (a + 1) * H // k) for a in range(k)]
+        units = [(h, group) for group in groups for h in heads]
+        work = [(h.stop - h.start) * sum(blocks[n].R * blocks[n].C for n in group)
+                for h, group in units]
+        runs, load = [[] for _ in range(threads)], [0] * threads
+        for u in np.argsort(work, kind="stable")[::-1]:
+            t = int(np.argmin(load))
+            runs[t].append(units[u])
+            load[t] += work[u]
+        if max(load, default=0) <= 1.1 * np.mean(load):
+            break
     return runs
 
 
@@ -1156,7 +1158,8 @@ def _exp(s):                            # np.exp(s, out=s), by _exp32 in float32
 
 def dense_forward(q, k, v, bias, g, block_rows=None):
     N, H, dh = q.shape
-    _check_memory(dense_bytes(g, H, dh, q.dtype, bias is not None, block_rows),
+    need = dense_bytes(g, H, dh, q.dtype, bias is not None, block_rows) - _held_bytes("dense")
+    _check_memory(need,
                   f"dense backend (N={N}, H={H})", "; use smaller block_rows or backend='sparse'")
     bias = _to_csr(bias, g)                        # (E, H) blocks read their edges in CSR order
     o = np.empty_like(q)                                                # (N, H, dh)
@@ -1347,7 +1350,8 @@ def _sparse_forward_kernel(qkv, bias, indptr, src, i0, i1, o, alpha):
 
 
 def sparse_forward(q, k, v, bias, g):
-    _check_memory(sparse_bytes(g, q.shape[1], q.shape[2], q.dtype, bias is not None),
+    _check_memory(sparse_bytes(g, q.shape[1], q.shape[2], q.dtype, bias is not None)
+                  - _held_bytes("sparse"),
                   f"sparse backend ({g.num_edges:,} edges)")
     qkv, bias = _packed(q, k, v), _to_csr(bias, g)                     # (N, 3, H, dh)
     csr = _csr(g)
@@ -1453,7 +1457,7 @@ def choose_backend(g, n_heads, d_head, dtype=np.float32, edge_bias=False):
             + scale * H * g.num_edges * (c["sparse_edge"] + dh * c["sparse_mac"])}
     for name, need in (("dense", dense_bytes(g, H, dh, dtype, edge_bias)),
                        ("sparse", sparse_bytes(g, H, dh, dtype, edge_bias))):
-        cost[name] = math.inf if need > available_bytes() else cost[name]
+        cost[name] = math.inf if need - _held_bytes(name) > available_bytes() else cost[name]
     return min(cost, key=cost.get), cost
 
 
@@ -1697,7 +1701,7 @@ def _no_symbol(name):                   # a threadpoolctl without _get_symbol: i
 
 @functools.cache
 def _python_threads(n):                # a pool per thread count, made on first use
-    return ThreadPoolExecutor(n, thread_name_prefix="gtx")
+    return ThreadPoolExecutor(n, thread_name_prefix=f"gtx{n}")     # threads gtx{n}_0, ...
 
 
 def _after_fork_in_child():             # the parent's other threads, inside gtx or not, are gone
@@ -1714,7 +1718,7 @@ _THREAD = threading.local()
 
 
 class _Scratch:
-    """One thread's buffers: arrays, by key; owner, the thread's name."""
+    """One thread's buffers: arrays, by key; owner, the thread's ident, or a gtx thread's name."""
 
     def __init__(self, owner):
         self.owner = owner
@@ -1729,7 +1733,8 @@ def _buffer(key, n, dtype):
     that key: fresh temporaries pay page faults each call (glibc returns big blocks to the OS)."""
     scratch = getattr(_THREAD, "scratch", None)
     if scratch is None:
-        scratch = _Scratch(threading.current_thread().name)
+        name = threading.current_thread().name
+        scratch = _Scratch(name if name.startswith("gtx") else threading.get_ident())
         _THREAD.scratch = scratch
         with _SCRATCH["lock"]:
             _SCRATCH["all"].add(scratch)
@@ -1754,60 +1759,71 @@ def release_buffers():
             ctypes.CDLL(None).malloc_trim(0)
 
 
-def _held_bytes():
-    """Bytes of the buffers this thread and gtx's threads hold: a call reuses them."""
-    mine = threading.current_thread().name
+def _held_bytes(prefix):
+    """Bytes of the buffers this thread and gtx's threads hold that a dense or sparse call reuses
+    (keys from prefix, do, dqkv): its memory check counts them as available, not as new."""
+    mine = threading.get_ident()
+    pool = f"gtx{nb.get_num_threads() - 1}_"
     with _SCRATCH["lock"]:
         held = [scratch for scratch in _SCRATCH["all"]
-                if scratch.owner == mine or scratch.owner.startswith("gtx")]
-    return sum(b.size for scratch in held for b in list(scratch.arrays.values()))
+                if scratch.owner == mine or str(scratch.owner).startswith(pool)]
+    return sum(b.size for scratch in held for key, b in list(scratch.arrays.items())
+               if key.startswith(prefix) or key in ("do", "dqkv"))
 
 
 _CGROUP = {"root": "/sys/fs/cgroup", "self": "/proc/self/cgroup"}    # tests point them elsewhere
 
 
 def available_bytes():
-    """Part 1's available_bytes, otherwise identical, except: also at most what this process's
-    memory cgroups, up to the root, leave (v2: memory.max less memory.current; v1:
-    memory.limit_in_bytes less memory.usage_in_bytes; "max", or v1's huge value, is no limit); and
-    the buffers gtx holds count as available, as a call reuses them rather than allocating anew."""
+    """Part 1's available_bytes, otherwise identical, except: also at most what each memory cgroup
+    of this process, up to the root, leaves: its limit less its usage less the reclaimable page
+    cache (v2: memory.max, memory.current, memory.stat's inactive_file; v1: memory.limit_in_bytes,
+    memory.usage_in_bytes, total_inactive_file). Limits are read once; unlimited ones not again."""
     have = psutil.virtual_memory().available
-    for limit_file, usage_file in _cgroup_files():
+    for limit, usage_file, stat_file, inactive in _cgroup_limits():
         try:
-            with open(limit_file) as f:
-                limit = f.read().strip()
             with open(usage_file) as f:
                 usage = int(f.read())
         except (OSError, ValueError):
             continue
-        if limit.isdigit() and int(limit) < 2**60:
-            have = min(have, int(limit) - usage)
-    return max(have, 0) + _held_bytes()
+        stat = {}
+        with contextlib.suppress(OSError):
+            with open(stat_file) as f:
+                stat = dict(line.split() for line in f if line.count(" ") == 1)
+        have = min(have, limit - usage + int(stat.get(inactive, 0)))
+    return max(have, 0)
 
 
 @functools.cache
-def _cgroup_files():
-    """(limit, usage) file pairs of this process's memory cgroups and their parents, v2 and v1."""
+def _cgroup_limits():
+    """(limit, usage file, stat file, inactive key) of this process's memory cgroups and their
+    parents that have a limit ("max", or v1's huge value, is none), v2 and v1."""
     try:
         with open(_CGROUP["self"]) as f:
-            lines = f.read().splitlines()
+            lines = [line.split(":", 2) for line in f.read().splitlines() if line.count(":") >= 2]
     except OSError:
         return []
-    pairs = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
+    limits = []
+    for _, controllers, path in lines:
         if controllers == "":
-            base, files = _CGROUP["root"], ("memory.max", "memory.current")
+            base, files = _CGROUP["root"], ("memory.max", "memory.current", "inactive_file")
         elif "memory" in controllers.split(","):
             base = os.path.join(_CGROUP["root"], "memory")
-            files = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
         else:
             continue
         parts = [part for part in path.split("/") if part]
         for depth in range(len(parts), -1, -1):
             folder = os.path.join(base, *parts[:depth])
-            pairs.append((os.path.join(folder, files[0]), os.path.join(folder, files[1])))
-    return pairs
+            try:
+                with open(os.path.join(folder, files[0])) as f:
+                    limit = f.read().strip()
+            except OSError:
+                continue
+            if limit.isdigit() and int(limit) < 2**60:
+                limits.append((int(limit), os.path.join(folder, files[1]),
+                               os.path.join(folder, "memory.stat"), files[2]))
+    return limits
 
 
 class _Stopped(Exception):
@@ -1856,9 +1872,9 @@ def _map_threads(fn, items):
             if old is not None:
                 _mxcsr(np.uint32(old))
     futures = []
-    if n > 1:
-        futures = [_python_threads(n - 1).submit(each, run) for run in runs[1:]]
     try:
+        for run in runs[1:]:            # inside the try: a Ctrl-C here waits for these too
+            futures.append(_python_threads(n - 1).submit(each, run))
         mine = each(runs[0] if runs else [])
         for f in futures:
             f.exception()               # waits; a Ctrl-C here stops the call too

@@ -368,14 +368,20 @@ def test_dense_memory_guard(monkeypatch):
     assert need >= 2 * R * C * 8, "at least one block's scores for each of the 2 heads, float64"
     assert need > gtx.sparse_bytes(g, 2, 4, F64), "sparse needs less here"
     assert gtx.dense_bytes(gtx.complete_graph(600), 2, 4, F64) > need
+    gtx.release_buffers()                         # none held: a call's buffers count as new
     monkeypatch.setattr(gtx, "available_bytes", lambda: need - 1)
     with pytest.raises(MemoryError, match="sparse"):
         gtx.forward(x, g, p, backend="dense")
     gtx.forward(x, g, p, backend="sparse")        # the suggested way out works
     monkeypatch.setattr(gtx, "available_bytes", lambda: need)
     gtx.forward(x, g, p, backend="dense")         # exactly enough memory: runs
+    monkeypatch.setattr(gtx, "available_bytes", lambda: need - gtx._held_bytes("dense") - 1)
+    with pytest.raises(MemoryError, match="sparse"):
+        gtx.forward(x, g, p, backend="dense")     # the buffers it holds are not counted twice
     eb = np.zeros((g.num_edges, 2))
     assert gtx.dense_bytes(g, 2, 4, F64, edge_bias=True) > need, "an edge bias costs more memory"
+    gtx.release_buffers()
+    monkeypatch.setattr(gtx, "available_bytes", lambda: need)
     with pytest.raises(MemoryError, match="sparse"):
         gtx.forward(x, g, p, backend="dense", edge_bias=eb)
 
@@ -1169,8 +1175,8 @@ def test_map_threads_raises_the_first_exception_once_all_stopped():
 
 @pytest.mark.parametrize("version", ["v2", "v1"])
 def test_memory_guard_reads_the_cgroup(tmp_path, monkeypatch, version):
-    """available_bytes is at most what the process's cgroup (or a parent) leaves, limit less usage,
-    read from files the test writes; "max" or v1's huge value is no limit; dense then refuses."""
+    """available_bytes is at most what the process's cgroup (or a parent) leaves, limit less usage
+    less reclaimable cache, read from files the test writes; "max" or v1's huge value is none."""
     gib = 2**30
     if version == "v2":
         (tmp_path / "self").write_text("0::/a/b\n")
@@ -1186,7 +1192,7 @@ def test_memory_guard_reads_the_cgroup(tmp_path, monkeypatch, version):
         (folder / usage).write_text(f"{used}\n")
     monkeypatch.setitem(gtx._CGROUP, "root", str(tmp_path))
     monkeypatch.setitem(gtx._CGROUP, "self", str(tmp_path / "self"))
-    gtx._cgroup_files.cache_clear()
+    gtx._cgroup_limits.cache_clear()
     gtx.release_buffers()
     try:
         want = min(psutil.virtual_memory().available, 3 * gib - gib // 2)    # a's limit less usage
@@ -1194,10 +1200,15 @@ def test_memory_guard_reads_the_cgroup(tmp_path, monkeypatch, version):
         if psutil.virtual_memory().available > 4 * gib:
             with pytest.raises(MemoryError, match="2.5 GiB is available"):
                 gtx._check_memory(4 * gib, "4 GiB")
+        inactive = "inactive_file" if version == "v2" else "total_inactive_file"
+        (root / "a" / "memory.stat").write_text(f"anon 1\n{inactive} {gib // 2}\n")
+        want = min(psutil.virtual_memory().available, 3 * gib)       # reclaimable cache is free
+        assert abs(gtx.available_bytes() - want) < 2**26, f"{gtx.available_bytes():,} for {want:,}"
         (root / "a" / limit).write_text(f"{no_limit}\n")              # no limit left
+        gtx._cgroup_limits.cache_clear()
         assert abs(gtx.available_bytes() - psutil.virtual_memory().available) < 2**26
     finally:
-        gtx._cgroup_files.cache_clear()
+        gtx._cgroup_limits.cache_clear()
 
 
 RSS_CHECK = """
