@@ -1897,7 +1897,11 @@ def test_bench_molecules_quick(tmp_path):
         assert text in r.stdout, f"{text!r} not in the output:\n{r.stdout[-3000:]}"
     wide = [line for line in r.stdout.splitlines() if len(line) > 100 and not line.startswith(("json", "molecules plot"))]
     assert not wide, f"the output must fit in 100 columns: {wide}"
-    assert png.stat().st_size > 10_000, "the learning-curve plot is missing or empty"
+    try:
+        import matplotlib  # noqa: F401
+        assert png.stat().st_size > 10_000, "the learning-curve plot is missing or empty"
+    except ImportError:
+        assert "matplotlib is not installed, so no plot was written" in r.stdout, r.stdout[-3000:]
     m = json.loads(out.read_text())["molecules"]
     assert set(m) == {"solubility", "zinc"}, set(m)
     assert set(m["solubility"]["baselines"]) == {"mean", "bag_of_atoms", "esol_published", "esol_refit"}
