@@ -625,9 +625,9 @@ MOL_ARMS = ("bonds", "bonds+rwse", "complete", "complete+laplacian", "complete+r
 # schedule. lr and schedule: molecules_tune's best (its grid and scores are in its docstring).
 MOL = dict(quick=dict(n_mols=96, D=16, H=2, batch=16, lr=3e-3, warmup=5, schedule="cosine",
                       steps=dict(solubility=40, zinc=40), eval=dict(solubility=5, zinc=5), patience=1),
-           default=dict(n_mols=1000, D=64, H=4, batch=32, lr=4e-3, warmup=50, schedule="cosine",
+           default=dict(n_mols=1000, D=64, H=4, batch=32, lr=8e-3, warmup=50, schedule="cosine",
                         steps=dict(solubility=100, zinc=150), eval=dict(solubility=25, zinc=50), patience=3),
-           full=dict(n_mols=None, D=64, H=4, batch=64, lr=4e-3, warmup=100, schedule="cosine",
+           full=dict(n_mols=None, D=64, H=4, batch=64, lr=8e-3, warmup=100, schedule="cosine",
                      steps=dict(solubility=500, zinc=1500), eval=dict(solubility=50, zinc=250), patience=4))
 MOL_LAYERS, MOL_K, MOL_HOPS = 2, 8, 10          # blocks; encoding columns; hops capped at 10
 ELEMENTS = ("C", "N", "O", "F", "P", "S", "Cl", "Br", "I")   # then one column for any other
@@ -1030,22 +1030,28 @@ def molecules(mode, seeds, dtype):
 
 
 def molecules_run(c, seeds, dtype):
-    """molecules' record, BLAS on one thread."""
+    """molecules' record, BLAS on one thread. Seeds are the outer loop, so that a run stopped early
+    has whole seeds in its progress lines."""
+    targets = mol_targets(c)
     out = {}
-    for target, (metric, data, esol) in mol_targets(c).items():
-        rec = dict(metric=metric, n_train=len(data["train"]), n_val=len(data["val"]), n_test=len(data["test"]),
-                   baselines=mol_baselines(data["train"], data["test"], metric, esol), arms={}, curves={})
-        for arm in MOL_ARMS:
-            runs = []
-            for seed in range(seeds):
-                runs.append(mol_train(arm, data, c, c["steps"][target], c["eval"][target], seed, dtype, metric))
-                progress(f"molecules: {target} {arm} seed {seed}: test {metric} {runs[-1]['test']:.3f}, "
-                         f"train {runs[-1]['train']:.3f}, best validation {runs[-1]['val']:.3f} at step "
-                         f"{runs[-1]['best_step']} of {runs[-1]['curve'][-1][0]}, {runs[-1]['seconds']:.1f} s")
-            rec["arms"][arm] = {k: [r[k] for r in runs] for k in ("test", "train", "val", "best_step")}
-            rec["arms"][arm]["seconds"] = float(np.mean([r["seconds"] for r in runs]))
-            rec["curves"][arm] = runs[0]["curve"]
-        out[target] = rec
+    for target, (metric, data, esol) in targets.items():
+        out[target] = dict(metric=metric, n_train=len(data["train"]), n_val=len(data["val"]),
+                           n_test=len(data["test"]), baselines=mol_baselines(data["train"], data["test"], metric, esol),
+                           arms={arm: dict(test=[], train=[], val=[], best_step=[], seconds=0.0) for arm in MOL_ARMS},
+                           curves={})
+    for seed in range(seeds):
+        for target, (metric, data, _) in targets.items():
+            for arm in MOL_ARMS:
+                r = mol_train(arm, data, c, c["steps"][target], c["eval"][target], seed, dtype, metric)
+                a = out[target]["arms"][arm]
+                for key in ("test", "train", "val", "best_step"):
+                    a[key].append(r[key])
+                a["seconds"] += r["seconds"] / seeds            # the mean over seeds
+                if seed == 0:
+                    out[target]["curves"][arm] = r["curve"]
+                progress(f"molecules: {target} {arm} seed {seed}: test {metric} {r['test']:.3f}, train "
+                         f"{r['train']:.3f}, best validation {r['val']:.3f} at step {r['best_step']} of "
+                         f"{r['curve'][-1][0]}, {r['seconds']:.1f} s")
     return out
 
 
