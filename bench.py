@@ -692,7 +692,7 @@ def sa_scorer():
 def ring_penalty(mol):
     """max(0, largest ring size - 6), rings as RDKit's ring info lists them (the smallest set of
     smallest rings). JT-VAE's code takes networkx's cycle_basis of the bond graph instead, which
-    differs on a few molecules (make_zinc counts them)."""
+    differs on 19 of data/zinc.csv's 12,000 molecules (make_zinc counts them)."""
     rings = [len(r) for r in mol.GetRingInfo().AtomRings()]
     return max(0, max(rings, default=0) - 6)
 
