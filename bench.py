@@ -1104,7 +1104,7 @@ def molecules_report(r, mode, seeds):
              f"  step caps (validation): {caps}; patience {c['patience']} evaluations;",
              "  test scored at each run's best validation step"]
     if mode != "full":
-        lines.append(f"  a short run ({mode}); until validation stops improving (about 40 min on 2 cores):")
+        lines.append(f"  a short run ({mode}); until validation stops improving (about 20 min a seed, 2 cores):")
         lines.append("  python bench.py --only molecules --full")
     for target, t in r.items():
         lines.append(f"  {MOL_NAMES[target]}: {t['n_train']:,} train, {t['n_val']:,} val, {t['n_test']:,} test")
@@ -1295,7 +1295,7 @@ def main():
     ap.add_argument("--json", metavar="PATH", help="write every figure and the machine description")
     ap.add_argument("--plot", metavar="PATH", help="where the plot goes (default: bench-latest.png)")
     ap.add_argument("--full", action="store_true",
-                    help="the molecules part trained until validation stops improving (about 40 min a seed)")
+                    help="the molecules part trained until validation stops improving (about 20 min a seed on 2 cores)")
     ap.add_argument("--mol-plot", metavar="PATH",
                     help="where the molecules' learning curves go (with --full: molecules.png)")
     ap.add_argument("--make-zinc", metavar="WHEEL", help="rewrite data/zinc.csv from molsets 0.3.1's wheel")
