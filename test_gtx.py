@@ -2073,13 +2073,86 @@ def test_featuriser_counted_by_hand(smiles, atoms, edges, counts):
 
 
 def test_penalized_logp_by_hand():
-    """logP - SA - max(0, largest ring - 6): cyclooctane's ring costs 2, toluene's none."""
+    """logP - SA - max(0, largest ring - 6), each term standardised by JT-VAE's constants, typed
+    here: cyclooctane's ring costs 2, toluene's none."""
     from rdkit.Chem import Crippen
     for smiles, ring_penalty in (("C1CCCCCCC1", 2), ("Cc1ccccc1", 0)):
         mol = molecule(smiles)
-        want = Crippen.MolLogP(mol) - bench.sa_scorer().calculateScore(mol) - ring_penalty
+        want = ((Crippen.MolLogP(mol) - 2.4570953396190123) / 1.434324401111988
+                + (-bench.sa_scorer().calculateScore(mol) + 3.0525811293166134) / 0.8335207024513095
+                + (-ring_penalty + 0.0485696876403053) / 0.2860212110245455)
+        assert bench.ring_penalty(mol) == ring_penalty, f"{smiles}: ring penalty {bench.ring_penalty(mol)}"
         got = bench.penalized_logp(mol)
         assert abs(got - want) < 1e-12, f"penalized logP of {smiles}: {got}, want {want}"
+
+
+def zinc_rows():
+    import csv
+    with open(bench.ZINC_CSV, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_zinc_csv_split_and_licence():
+    """data/zinc.csv: 12,000 distinct molecules, 10,000 / 1,000 / 1,000 in that order, beside
+    MOSES's MIT licence notice."""
+    rows = zinc_rows()
+    assert [r["split"] for r in rows] == ["train"] * 10_000 + ["val"] * 1_000 + ["test"] * 1_000
+    assert len({r["smiles"] for r in rows}) == 12_000, "a molecule appears twice"
+    with open(os.path.join(os.path.dirname(bench.ZINC_CSV), "zinc.LICENSE")) as f:
+        notice = f.read()
+    assert "Copyright 2018 Insilico Medicine" in notice and "Permission is hereby granted" in notice
+
+
+def test_zinc_csv_target_recomputed():
+    """RDKit recomputes the CSV's target, and its canonical SMILES, on 60 rows drawn at random
+    (the CSV stores repr of the float, so the same RDKit gives the same bits)."""
+    pytest.importorskip("rdkit")
+    from rdkit import Chem
+    rows = zinc_rows()
+    for i in np.random.default_rng(1).choice(len(rows), 60, replace=False):
+        mol = molecule(rows[i]["smiles"])
+        assert Chem.MolToSmiles(mol) == rows[i]["smiles"], f"row {i + 2}: not RDKit's canonical SMILES"
+        got, want = bench.penalized_logp(mol), float(rows[i]["penalized_logp"])
+        assert abs(got - want) < 1e-9, f"row {i + 2} {rows[i]['smiles']}: recomputed {got}, the CSV {want}"
+
+
+def test_zinc_bad_split(tmp_path, monkeypatch):
+    """A split other than train, val or test in zinc.csv is an error naming its row."""
+    pytest.importorskip("rdkit")
+    bad = tmp_path / "zinc.csv"
+    bad.write_text("smiles,split,penalized_logp\nCCO,train,0.5\nCCN,valid,0.1\n")
+    monkeypatch.setattr(bench, "ZINC_CSV", str(bad))
+    with pytest.raises(ValueError, match="row 3: split must be train, val or test, got 'valid'"):
+        bench.zinc_data()
+
+
+def test_mol_lr_and_stalled():
+    """The warm-up rises linearly to lr, the cosine falls to 0 at the cap, constant holds lr; a run
+    has stalled once its last patience evaluations fail to beat the best before them."""
+    c = dict(lr=2e-3, warmup=10, schedule="cosine")
+    got = [bench.mol_lr(c, s, 110) for s in (1, 10, 60, 110)]
+    assert np.allclose(got, [2e-4, 2e-3, 1e-3, 0], rtol=0, atol=1e-15), got
+    assert bench.mol_lr(dict(c, schedule="constant"), 110, 110) == 2e-3
+    curve = [(5, 1.0), (10, 0.8), (15, 0.9), (20, 0.85)]
+    assert not bench.stalled(curve[:2], 1), "a new best is no stall"
+    assert bench.stalled(curve[:3], 1) and not bench.stalled(curve[:3], 2)
+    assert bench.stalled(curve, 2), "0.9 and 0.85 both fail to beat 0.8"
+    assert bench.stalled(curve[:2] + [(15, 0.8)], 1), "a tie is no improvement"
+
+
+def test_mol_train_scores_the_best_step():
+    """mol_train's test metric is the best validation step's, not the last step's: a run stopped by
+    its patience after its best step scores as a run that ended there (constant lr, same seed)."""
+    pytest.importorskip("rdkit")
+    recs = bench.mol_records(bench.zinc_data(first=48)["train"])
+    data = dict(train=recs[:32], val=recs[32:40], test=recs[40:])
+    c = dict(bench.MOL["quick"], lr=1e-2, schedule="constant", patience=2)
+    long = bench.mol_train("bonds", data, c, 60, 3, 0, np.float64, "mae")
+    assert long["best_step"] < long["curve"][-1][0], f"pick a run that goes on past its best: {long['curve']}"
+    assert long["val"] == min(v for _, v in long["curve"])
+    short = bench.mol_train("bonds", data, dict(c, patience=100), long["best_step"], 3, 0, np.float64, "mae")
+    assert short["best_step"] == long["best_step"] and short["curve"] == long["curve"][:len(short["curve"])]
+    assert abs(short["test"] - long["test"]) < 1e-12 and abs(short["train"] - long["train"]) < 1e-12, (short, long)
 
 
 def test_molecule_bad_input(tmp_path, monkeypatch):
@@ -2131,24 +2204,38 @@ def test_mol_loss_gradients():
 
 
 def test_bench_molecules_quick(tmp_path):
-    """bench.py --quick --only molecules prints both tables and writes the issue's JSON shape."""
+    """bench.py --quick --only molecules prints both tables, says the run is short, writes the
+    issue's JSON shape and the learning-curve plot; each arm's test is at its best validation step."""
     pytest.importorskip("rdkit")
-    out = tmp_path / "mol.json"
+    out, png = tmp_path / "mol.json", tmp_path / "mol.png"
     r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--quick", "--only", "molecules",
-                        "--seeds", "2", "--json", str(out)], cwd=HERE, capture_output=True, text=True, timeout=120)
+                        "--seeds", "2", "--json", str(out), "--mol-plot", str(png)],
+                       cwd=HERE, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"bench.py --quick --only molecules failed:\n{r.stderr[-3000:]}"
-    assert "solubility (log10 mol/L), test RMSE" in r.stdout and "penalized logP" in r.stdout, r.stdout[-3000:]
-    wide = [line for line in r.stdout.splitlines() if len(line) > 100 and not line.startswith("json")]
+    for text in ("solubility (log10 mol/L), test RMSE", "ZINC's penalized logP", "a short run",
+                 "python bench.py --only molecules --full"):
+        assert text in r.stdout, f"{text!r} not in the output:\n{r.stdout[-3000:]}"
+    wide = [line for line in r.stdout.splitlines() if len(line) > 100 and not line.startswith(("json", "molecules plot"))]
     assert not wide, f"the output must fit in 100 columns: {wide}"
-    import json
+    try:
+        import matplotlib  # noqa: F401
+        assert png.stat().st_size > 10_000, "the learning-curve plot is missing or empty"
+    except ImportError:
+        assert "matplotlib is not installed, so no plot was written" in r.stdout, r.stdout[-3000:]
     m = json.loads(out.read_text())["molecules"]
-    assert set(m) == {"solubility", "penalized_logp"}, set(m)
+    assert set(m) == {"solubility", "zinc"}, set(m)
     assert set(m["solubility"]["baselines"]) == {"mean", "bag_of_atoms", "esol_published", "esol_refit"}
-    assert set(m["penalized_logp"]["baselines"]) == {"mean", "bag_of_atoms"}
-    for target, metric in (("solubility", "rmse"), ("penalized_logp", "mae")):
-        t = m[target]
-        assert t["metric"] == metric and t["n_train"] > 0 and t["n_test"] > 0, t
-        assert tuple(t["arms"]) == bench.MOL_ARMS, tuple(t["arms"])
+    assert set(m["zinc"]["baselines"]) == {"mean", "bag_of_atoms"}
+    stopped_early = 0
+    for target, metric in (("solubility", "rmse"), ("zinc", "mae")):
+        t, cap = m[target], bench.MOL["quick"]["steps"][target]
+        assert t["metric"] == metric and min(t["n_train"], t["n_val"], t["n_test"]) > 0, t
+        assert tuple(t["arms"]) == tuple(t["curves"]) == bench.MOL_ARMS, (tuple(t["arms"]), tuple(t["curves"]))
         for arm, a in t["arms"].items():
-            assert len(a["test"]) == len(a["train"]) == 2 and a["seconds"] > 0, (target, arm, a)
-            assert all(np.isfinite(a["test"] + a["train"])), (target, arm, a)
+            assert all(len(a[k]) == 2 for k in ("test", "train", "val", "best_step")) and a["seconds"] > 0, a
+            assert all(np.isfinite(a["test"] + a["train"] + a["val"])), (target, arm, a)
+            steps, vals = zip(*t["curves"][arm])             # the first seed's
+            assert list(steps) == sorted(steps) and steps[-1] <= cap, (target, arm, steps)
+            assert a["val"][0] == min(vals) and a["best_step"][0] == steps[vals.index(min(vals))], (arm, a)
+            stopped_early += steps[-1] < cap
+    assert stopped_early, "with --quick's patience of 1 some run should stop before its cap"
