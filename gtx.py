@@ -1159,8 +1159,8 @@ def _exp(s):                            # np.exp(s, out=s), by _exp32 in float32
 def dense_forward(q, k, v, bias, g, block_rows=None):
     N, H, dh = q.shape
     need = dense_bytes(g, H, dh, q.dtype, bias is not None, block_rows) - _held_bytes("dense")
-    _check_memory(need,
-                  f"dense backend (N={N}, H={H})", "; use smaller block_rows or backend='sparse'")
+    _check_memory(need, f"dense backend (N={N}, H={H})",
+                  "; use smaller block_rows or backend='sparse'")
     bias = _to_csr(bias, g)                        # (E, H) blocks read their edges in CSR order
     o = np.empty_like(q)                                                # (N, H, dh)
     lse = np.empty((N, H), q.dtype)                                     # (N, H) m + log l
@@ -1350,12 +1350,12 @@ def _sparse_forward_kernel(qkv, bias, indptr, src, i0, i1, o, alpha):
 
 
 def sparse_forward(q, k, v, bias, g):
-    _check_memory(sparse_bytes(g, q.shape[1], q.shape[2], q.dtype, bias is not None)
-                  - _held_bytes("sparse"),
-                  f"sparse backend ({g.num_edges:,} edges)")
+    H, dh = q.shape[1:]
+    need = sparse_bytes(g, H, dh, q.dtype, bias is not None) - _held_bytes("sparse")
+    _check_memory(need, f"sparse backend ({g.num_edges:,} edges)")
     qkv, bias = _packed(q, k, v), _to_csr(bias, g)                     # (N, 3, H, dh)
     csr = _csr(g)
-    o, alpha = np.empty_like(q), np.empty((g.num_edges, q.shape[1]), q.dtype)   # (N, H, dh), (E, H)
+    o, alpha = np.empty_like(q), np.empty((g.num_edges, H), q.dtype)   # (N, H, dh), (E, H)
 
     def targets(nodes):
         _sparse_forward_kernel(qkv, bias, csr.indptr, csr.src, *nodes, o, alpha)
