@@ -823,9 +823,8 @@ def _input_order(a, g):                 # (E, ...) from CSR order to input edge 
 # - a block's columns in key tiles of _TILE to 2 _TILE, an online softmax (FlashAttention-2's): the
 #   rows' shift c rides in pass 1's matmul and moves only when a tile's max passes it by _LAZY,
 #   so a tile is matmul, max, exp, matmul, and its (H, R, _TILE) scores stay in the cache, where
-#   a block's (H, R, C) did not: long 1.19x, causal 1.11x, transformer 1.04x (AMD EPYC);
-# - float32 exp by Cephes' expf in Numba (_exp32), 2.0 G elements/s a core against np.exp's 0.75:
-#   long 1.12x, causal 1.08x, transformer 1.07x, small 1.15x, window 1.00x (EPYC);
+#   a block's (H, R, C) did not: long 1.19x, causal 1.11x, transformer 1.04x (AMD EPYC); long
+#   1.19x, causal 1.09x (Intel Xeon);
 # - columns ride in the matmuls, so that the passes over a block add and sum less (_heads_first):
 #   v's ones give pass 3's l in pass 4's P V; in the backward, q's last column holds -lse and do's
 #   -delta, so the matmuls give s - lse and dP - delta: long 1.12x, powerlaw 1.10x (EPYC);
@@ -1122,40 +1121,6 @@ def _nonfinite(*arrays, bad=None):
     return found | bad
 
 
-# Cephes' expf: exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts, for
-# precision), exp(r) = 1 + r + r^2 P(r); 2^n is written as a float's exponent bits.
-_EXP_P = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
-                                       4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
-_EXP_LO, _EXP_HI = np.float32(-88), np.float32(88.3762)    # c < -87.68: 2^n's bits are 0
-
-
-@nb.njit(nogil=True, cache=True, fastmath={"contract", "nsz", "arcp"}, error_model="numpy")
-def _exp32(a):
-    """np.exp(a, out=a) for a C-contiguous float32 a: within 2 ulp where exp is a normal float, 0 or
-    denormal where it is smaller, NaN kept, inf above _EXP_HI (np.exp: above 88.7228)."""
-    x = a.reshape(-1)
-    bits = x.view(np.int32)                         # the same memory: 2^n goes in as bits
-    for i in range(x.size):
-        v = x[i]
-        c = min(max(_EXP_LO, v), _EXP_HI)            # NaN: _EXP_LO, so n casts a number
-        n = np.floor(c * np.float32(1.442695) + np.float32(0.5))
-        r = c - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
-        p = np.float32(0)
-        for coefficient in _EXP_P:
-            p = p * r + coefficient
-        bits[i] = (np.int32(n) + np.int32(127)) << 23
-        x[i] *= p * r * r + r + np.float32(1)
-        if not v <= _EXP_HI:                        # inf, NaN
-            x[i] = v * np.float32(np.inf)
-    return a
-
-
-def _exp(s):                            # np.exp(s, out=s), by _exp32 in float32
-    if s.dtype == np.float32:
-        return _exp32(s)
-    return np.exp(s, out=s)
-
-
 def dense_forward(q, k, v, bias, g, block_rows=None):
     N, H, dh = q.shape
     need = dense_bytes(g, H, dh, q.dtype, bias is not None, block_rows) - _held_bytes("dense")
@@ -1203,10 +1168,10 @@ def dense_forward(q, k, v, bias, g, block_rows=None):
                 # pass 3: exp(s - m); with pass 4's P V: [P V, l] = exp(s - m) [v, 1], summed
                 # over the tiles, P unnormalised
                 if number == 0:
-                    np.matmul(_exp(s), vh[heads, tile.cols], out=pv)     # (h, R, dh + 1)
+                    np.matmul(np.exp(s, out=s), vh[heads, tile.cols], out=pv)     # (h, R, dh + 1)
                 else:
                     pv_tile = scratch["pv_tile"][:pv.size].reshape(pv.shape)
-                    pv += np.matmul(_exp(s), vh[heads, tile.cols], out=pv_tile)
+                    pv += np.matmul(np.exp(s, out=s), vh[heads, tile.cols], out=pv_tile)
             l = pv[..., dh]                                              # (h, R)
             l[l == 0] = 1                       # l >= 1 unless a row has no edge: then o = 0 / 1
             # pass 4: o = P V / l
@@ -1244,7 +1209,8 @@ def dense_backward(do, cache, dq, dk, dv):
                     dp = scratch["dp"][:s.size].reshape(s.shape)
                     t = scratch["t"][:h * tile.C * dh].reshape(h, tile.C, dh)
                     # passes 1-4 again: P = exp([q, -lse] [k / sqrt(dh), 1]^T) = exp(s - lse)
-                    p = _exp(_scores(qh, kh, bias, heads, b.rows, tile, s, scratch))  # (h, R, C)
+                    s = _scores(qh, kh, bias, heads, b.rows, tile, s, scratch)
+                    p = np.exp(s, out=s)                                 # (h, R, C)
                     # backward of pass 4's o = P V: dV = P^T do, and [do, -delta] [v, 1]^T =
                     # dP - delta
                     np.matmul(p.transpose(0, 2, 1), doh[heads, b.rows, :dh], out=t)

@@ -772,7 +772,7 @@ def test_nonfinite_feature_reaches_every_output_only_as_in_naive(graph, bias, ti
                                                                   monkeypatch):
     """An inf or NaN feature at each node in turn, on a batch of graphs and on general ones: y, dx and
     every gradient are non-finite exactly where naive's are, in every backend but textbook; dense
-    also with key tiles of 3 columns; in float32 too, where dense's exp is _exp32."""
+    also with key tiles of 3 columns; in float32 too."""
     monkeypatch.setattr(gtx, "_TILE", tile)
     g = GRAPHS[graph]()
     for bad_node in range(g.num_nodes):
@@ -856,38 +856,6 @@ def test_dense_extreme_scores(case, dtype, monkeypatch):
         for key in ref:
             assert_close(f"dense ({case}, {dtype.__name__}, tile {tile}) {key}", out[key], ref[key],
                          RTOL[dtype], ATOL[dtype])
-
-
-def float32s(lo, hi, step):
-    """Every step-th float32 in [lo, hi] (lo < 0 < hi), stepping the bit patterns: binades alike."""
-    neg = np.arange(2**31, np.float32(lo).view(np.uint32) + 1, step, dtype=np.uint64)
-    pos = np.arange(0, np.float32(hi).view(np.uint32) + 1, step, dtype=np.uint64)
-    return np.concatenate([neg, pos]).astype(np.uint32).view(np.float32)
-
-
-def test_float32_exp_matches_numpy():
-    """_exp32 on the inputs dense meets, s - m <= _LAZY and s - lse <= 0, and well past them, up
-    to _EXP_HI = 88.3762: within 2 ulp of the exact exp and 3 of np.exp's float32 where exp is a
-    normal float; below that 0 or a denormal, as np.exp; exp(-inf) exactly 0 (a non-edge), NaN
-    kept; inf at inf and above _EXP_HI (np.exp: from 88.7228; dense meets no such input)."""
-    specials = np.float32([-np.inf, np.nan, np.inf, 88.38, 88.7])
-    x = np.concatenate([float32s(-104, 88.3762, 499), specials])
-    got = gtx._exp32(x.copy())
-    with np.errstate(over="ignore", under="ignore"):
-        exact, want = np.exp(x.astype(F64)), np.exp(x)
-    normal = (exact >= np.finfo(F32).tiny) & (x <= 88.3762)
-    ulp = np.spacing(exact[normal].astype(F32)).astype(F64)
-    off = np.abs(got[normal] - exact[normal]) / ulp
-    assert off.max() <= 2, f"_exp32({x[normal][off.argmax()]!r}) is {off.max():.2f} ulp from exp"
-    apart = np.abs(got[normal].view(np.int32).astype(np.int64) - want[normal].view(np.int32))
-    worst = x[normal][apart.argmax()]
-    assert apart.max() <= 3, f"_exp32({worst!r}) is {apart.max()} ulp from np.exp"
-    tiny = exact < np.finfo(F32).tiny
-    wrong = tiny & ~((got >= 0) & (got < np.finfo(F32).tiny))
-    assert not wrong.any(), f"below normal: _exp32 {got[wrong][:3]} at {x[wrong][:3]}"
-    for a, g, w in zip(specials, got[-len(specials):], [0, np.nan, np.inf, np.inf, np.inf]):
-        assert g == w or (np.isnan(g) and np.isnan(w)), f"_exp32({a}) = {g}, want {w}"
-    assert got.size > 4 * 10**6 and normal.sum() > 10**6, "the sweep must cover the range"
 
 
 @pytest.mark.parametrize("scale", [5, 8])
