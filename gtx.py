@@ -831,8 +831,8 @@ def _input_order(a, g):                 # (E, ...) from CSR order to input edge 
 # - one plan per graph and shape (_plan) splits the work over the threads in units of a group of
 #   heads and blocks, largest first to the least loaded thread; a backward unit holds every block
 #   whose columns it writes, so it alone adds into those dk and dv rows: no thread keeps a copy of
-#   them, and the bits are the same for any thread count. 2 threads against 1, one run each on a
-#   shared AMD EPYC: window 1.39x, causal 1.44x, transformer 1.82x, long 2.03x;
+#   them, and the bits are the same for any thread count. 2 threads against 1, 8 calls each,
+#   alternated in one process, Xeon: causal 1.91x, long 1.82x, transformer 1.68x, window 1.59x;
 # - scratch arrays are per-thread buffers, kept from call to call (_buffer): window 1.30x (EPYC);
 # - for correctness, a block with a non-finite input is cut into rows (_split): inf and NaN reach
 #   only what they reach in naive, where textbook's 0 * NaN at a non-edge spreads them.
