@@ -1209,7 +1209,7 @@ def dense_backward(do, cache, dq, dk, dv):
                     dp = scratch["dp"][:s.size].reshape(s.shape)
                     t = scratch["t"][:h * tile.C * dh].reshape(h, tile.C, dh)
                     # passes 1-4 again: P = exp([q, -lse] [k / sqrt(dh), 1]^T) = exp(s - lse)
-                    s = _scores(qh, kh, bias, heads, b.rows, tile, s, scratch)
+                    _scores(qh, kh, bias, heads, b.rows, tile, s, scratch)
                     p = np.exp(s, out=s)                                 # (h, R, C)
                     # backward of pass 4's o = P V: dV = P^T do, and [do, -delta] [v, 1]^T =
                     # dP - delta
